@@ -1,0 +1,157 @@
+"""Checkpoints: one safetensors file holding tensors and a JSON header. Never pickle.
+
+Tensor keys are sectioned: ``params/<canonical name>``, ``ema/<canonical name>``,
+``opt/m/<name>``, ``opt/v/<name>``, ``opt/step`` (AdamW moments, shared by every backend so a
+run can resume anywhere) and ``state/<name>`` for anything else. The safetensors metadata holds
+``format``, ``version``, ``config`` (the ModelConfig as JSON) and ``meta`` (JSON: step, train
+config, backend, ...). Writes are atomic: temp file in the same folder, fsync, rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dar_core.config import ModelConfig
+from dar_core.errors import CheckpointError
+from dar_core.schema import check_params
+
+FORMAT = "dar-checkpoint"
+VERSION = 1
+SECTIONS = ("params", "ema", "opt", "state")
+
+
+@dataclass
+class Checkpoint:
+    config: ModelConfig
+    params: dict[str, np.ndarray]
+    ema: dict[str, np.ndarray] | None = None
+    opt: dict[str, np.ndarray] = field(default_factory=dict)
+    state: dict[str, np.ndarray] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def weights(self, which: str = "ema") -> dict[str, np.ndarray]:
+        """``"ema"`` (falls back to the raw params when none was saved) or ``"params"``."""
+        if which not in ("ema", "params"):
+            raise CheckpointError(f"which must be 'ema' or 'params', got {which!r}")
+        return self.ema if which == "ema" and self.ema is not None else self.params
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _safetensors_numpy() -> Any:
+    try:
+        import safetensors.numpy as stn
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("checkpoints need safetensors: pip install 'dar-core[tools]'") from e
+    return stn
+
+
+def _as_saveable(name: str, a: Any) -> np.ndarray:
+    a = np.asarray(a)
+    if a.dtype == object or a.dtype.kind not in "fiub":
+        raise CheckpointError(f"tensor {name!r} has unsupported dtype {a.dtype}")
+    return np.ascontiguousarray(a)
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    config: ModelConfig,
+    params: dict[str, Any],
+    *,
+    ema: dict[str, Any] | None = None,
+    opt: dict[str, Any] | None = None,
+    state: dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> Path:
+    """Atomically write a checkpoint; ``params``/``ema`` must match ``config``'s schema."""
+    check_params(config, params, where="params")
+    if ema is not None:
+        check_params(config, ema, where="ema")
+    tensors: dict[str, np.ndarray] = {}
+    for section, d in (("params", params), ("ema", ema), ("opt", opt), ("state", state)):
+        for k, v in (d or {}).items():
+            tensors[f"{section}/{k}"] = _as_saveable(k, v)
+    header = {
+        "format": FORMAT,
+        "version": str(VERSION),
+        "config": config.to_json(),
+        "meta": json.dumps(meta or {}, sort_keys=True),
+    }
+    data = _safetensors_numpy().save(tensors, metadata=header)
+    atomic_write_bytes(path, data)
+    return Path(path)
+
+
+def read_header(path: str | os.PathLike) -> dict[str, str]:
+    """The JSON header's metadata without reading tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint file at {str(path)!r}")
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n <= 0 or n > 100_000_000:
+            raise CheckpointError(f"{str(path)!r} is not a safetensors file (header size {n})")
+        try:
+            head = json.loads(f.read(n))
+        except ValueError as e:
+            raise CheckpointError(f"{str(path)!r} has an unreadable safetensors header") from e
+    md = head.get("__metadata__") or {}
+    if md.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{str(path)!r} is not a dar checkpoint (format {md.get('format')!r}, "
+            f"expected {FORMAT!r})"
+        )
+    return md
+
+
+def load_checkpoint(path: str | os.PathLike, config: ModelConfig | None = None) -> Checkpoint:
+    """Read a checkpoint. With ``config``, check it matches and name the first mismatch."""
+    md = read_header(path)
+    stored = ModelConfig.from_json(md["config"])
+    tensors = _safetensors_numpy().load_file(str(path))
+    sections: dict[str, dict[str, np.ndarray]] = {s: {} for s in SECTIONS}
+    for k, v in tensors.items():
+        section, _, name = k.partition("/")
+        if section not in sections:
+            raise CheckpointError(f"{str(path)!r}: unknown tensor section in key {k!r}")
+        sections[section][name] = v
+    target = config if config is not None else stored
+    check_params(target, sections["params"], where=f"{path}: params")
+    ema = sections["ema"] or None
+    if ema is not None:
+        check_params(target, ema, where=f"{path}: ema")
+    return Checkpoint(
+        config=stored,
+        params=sections["params"],
+        ema=ema,
+        opt=sections["opt"],
+        state=sections["state"],
+        meta=json.loads(md.get("meta", "{}")),
+    )

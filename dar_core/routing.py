@@ -1,0 +1,102 @@
+"""Routing math of DAR (spec sections 2-4): which sources each aggregator sees, and the
+softmax aggregation over them.
+
+History indices: 0 is ``v_0`` (the input embedding), ``l`` in 1..L is the output of sublayer
+``l`` (1-indexed; block ``i`` holds sublayers ``2i+1`` (attention) and ``2i+2`` (MLP)).
+Aggregator ``l`` in 1..L feeds sublayer ``l``; aggregator ``L+1`` feeds the final layer.
+
+``route`` is written against the array API (numpy, array_api_strict, torch, jax) with a small
+MLX shim. It is the plain four-pass form (norm, logit, softmax, sum), the readable
+specification; backends implement a faster, numerically equivalent form.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from dar_core.config import RoutingConfig
+from dar_core.errors import ConfigError, InputError
+from dar_core.xp import namespace
+
+
+def chunk_summaries(num_sublayers: int, chunk_size: int) -> list[int]:
+    """History indices of the chunk summaries ``c_0 = v_0, c_n = v_{nS}`` (full chunks only)."""
+    return [0] + list(range(chunk_size, num_sublayers + 1, chunk_size))
+
+
+def sublayer_sources(l: int, num_sublayers: int, chunk_size: int) -> tuple[int, ...]:
+    """``S_l`` for sublayer ``l`` (1-indexed): summaries of earlier chunks + raw outputs of
+    the earlier sublayers of its own chunk."""
+    if not 1 <= l <= num_sublayers:
+        raise ConfigError(f"sublayer index l={l} is outside 1..{num_sublayers}")
+    n = (l - 1) // chunk_size + 1  # 1-indexed chunk of l
+    summaries = [0] + [m * chunk_size for m in range(1, n)]  # c_0 .. c_{n-1}
+    raw = list(range((n - 1) * chunk_size + 1, l))  # v_{(n-1)S+1} .. v_{l-1}
+    return tuple(summaries + raw)
+
+
+def final_sources(num_sublayers: int, chunk_size: int, final_aggregator: bool) -> tuple[int, ...]:
+    """Sources of the final layer's aggregator.
+
+    With ``final_aggregator``: ``{c_0..c_{N-1}}`` plus the raw outputs of the last chunk
+    (which may be shorter than ``chunk_size``). Without: the chunk summaries alone, where the
+    last chunk's summary is its last output ``v_L``.
+    """
+    L, S = num_sublayers, chunk_size
+    last_start = ((L - 1) // S) * S  # history index of the summary before the last chunk
+    summaries = [0] + list(range(S, last_start + 1, S))  # c_0 .. c_{N-1}
+    if final_aggregator:
+        return tuple(summaries + list(range(last_start + 1, L + 1)))
+    return tuple(summaries + [L])
+
+
+def source_sets(num_sublayers: int, routing: RoutingConfig) -> list[tuple[int, ...]]:
+    """Sources of every aggregator: index ``l-1`` feeds sublayer ``l``, the last the final layer.
+
+    Residual mode sees every earlier output (and sums them instead of mixing).
+    """
+    L = num_sublayers
+    if not routing.is_dar:
+        return [tuple(range(l)) for l in range(1, L + 2)]
+    S = routing.chunk_size
+    sets = [sublayer_sources(l, L, S) for l in range(1, L + 1)]
+    sets.append(final_sources(L, S, routing.final_aggregator))
+    return sets
+
+
+def route(
+    sources: Any,
+    query: Any,
+    norm_weight: Any,
+    *,
+    eps: float = 1e-6,
+) -> tuple[Any, Any]:
+    """Softmax-mix ``N`` sources (spec section 2).
+
+    sources:     ``[N, ..., d]``: the values ``v_i`` stacked on axis 0 (e.g. ``[N, B, T, d]``)
+    query:       broadcastable to ``[..., d]``: ``[d]`` (static), ``[B, 1, d]`` (static_t) or
+                 ``[B, T, d]`` (dynamic)
+    norm_weight: ``[d]``: the aggregator's RMSNorm weight
+
+    Returns ``(h, alpha)``: ``h = sum_i alpha_i v_i`` of shape ``[..., d]`` and the weights
+    ``alpha`` of shape ``[N, ...]`` (softmax over the source axis of
+    ``q . RMSNorm(v_i) / sqrt(d)``).
+    """
+    xp = namespace(sources, query, norm_weight)
+    if len(sources.shape) < 2 or sources.shape[0] < 1:
+        raise InputError(f"sources must be [N>=1, ..., d], got shape {tuple(sources.shape)}")
+    d = sources.shape[-1]
+    if query.shape[-1] != d or tuple(norm_weight.shape) != (d,):
+        raise InputError(
+            f"feature sizes disagree: sources {tuple(sources.shape)} (d={d}), "
+            f"query {tuple(query.shape)}, norm_weight {tuple(norm_weight.shape)}"
+        )
+    rstd = 1.0 / xp.sqrt(xp.mean(sources * sources, axis=-1, keepdims=True) + eps)  # [N,...,1]
+    keys = sources * rstd * norm_weight  # [N, ..., d]
+    logits = xp.sum(keys * query, axis=-1) / math.sqrt(d)  # [N, ...]
+    logits = logits - xp.max(logits, axis=0, keepdims=True)
+    e = xp.exp(logits)
+    alpha = e / xp.sum(e, axis=0, keepdims=True)  # [N, ...]
+    h = xp.sum(xp.expand_dims(alpha, axis=-1) * sources, axis=0)  # [..., d]
+    return h, alpha

@@ -1,0 +1,358 @@
+"""What every backend's training loop shares: the config, the batch stream, the run folder.
+
+A backend's loop stays linear and short (nanoGPT style)::
+
+    run = Run(tc, backend="torch", rank=rank, world=world)
+    ckpt = run.resume_checkpoint()             # None for a fresh run
+    ...build model, optimizer, EMA (from ckpt if given)...
+    for step in run.steps():                   # progress bar on rank 0
+        batch = run.stream.batch(step, rank, world)
+        loss, grad_norm = train_step(batch)
+        run.log(step, loss, grad_norm)         # JSONL; stops on NaN/inf naming the step
+        if run.should_checkpoint(step): run.save(step, params=..., ema=..., opt=...)
+        if run.should_sample(step): run.sample_grid(step, velocity, asarray, to_numpy)
+    run.finish()
+
+Every random draw of a training step (images, labels, times, noise, label dropout) is a pure
+function of ``(seed, step)``, drawn in NumPy for the whole global batch and sliced per rank.
+So the data position is the step, a resumed run is bit-identical to an uninterrupted one, a
+data-parallel run sees the same global batch as a single process, and all backends train on
+identical batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dar_core.checkpoint import Checkpoint, atomic_write_bytes, load_checkpoint, save_checkpoint
+from dar_core.config import ModelConfig, RoutingConfig, model_config
+from dar_core.errors import CheckpointError, ConfigError, NonFiniteLossError
+from dar_core.interpolant import TIME_SAMPLINGS, sample_time
+from dar_core.samplers import SAMPLERS, sample
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every knob of a training run; the same defaults in every backend and in ``dar train``."""
+
+    # model
+    model: str = "tiny"
+    routing: str = "dar"
+    query: str = "static_t"
+    chunk_size: int = 4
+    final_aggregator: bool = True
+    # data
+    data: str = "procedural"
+    image_size: int = 16
+    num_classes: int = 10
+    # optimization (SiT: AdamW, lr 1e-4, no weight decay, EMA 0.9999)
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    class_dropout: float = 0.1
+    time_sampling: str = "uniform"
+    seed: int = 0
+    # run
+    out: str = "runs/dar"
+    resume: str = ""
+    log_every: int = 10
+    ckpt_every: int = 500
+    sample_every: int = 500
+    keep_checkpoints: int = 3
+    sample_sampler: str = "heun"
+    sample_steps: int = 32
+    sample_cfg: float = 1.0
+    per_class: int = 8
+    # compute
+    precision: str = "fp32"
+    compile: bool = False
+    grad_checkpoint: bool = False
+    device: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for f in ("steps", "batch_size", "log_every", "ckpt_every", "sample_every",
+                  "keep_checkpoints", "sample_steps", "per_class", "image_size", "num_classes"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{f} must be a positive integer, got {v!r}")
+        for f, lo, hi in (("lr", 0.0, 1.0), ("beta1", 0.0, 1.0), ("beta2", 0.0, 1.0),
+                          ("ema_decay", 0.0, 1.0)):
+            v = getattr(self, f)
+            if not (isinstance(v, (int, float)) and lo <= v < hi):
+                raise ConfigError(f"{f} must be a number in [{lo}, {hi}), got {v!r}")
+        for f in ("weight_decay", "grad_clip", "class_dropout", "adam_eps"):
+            v = getattr(self, f)
+            if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
+                raise ConfigError(f"{f} must be a finite number >= 0, got {v!r}")
+        if self.class_dropout >= 1:
+            raise ConfigError(f"class_dropout must be < 1, got {self.class_dropout!r}")
+        if self.time_sampling not in TIME_SAMPLINGS:
+            raise ConfigError(
+                f"time_sampling must be one of {list(TIME_SAMPLINGS)}, got {self.time_sampling!r}"
+            )
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {list(PRECISIONS)}, "
+                              f"got {self.precision!r}")
+        if self.sample_sampler not in SAMPLERS:
+            raise ConfigError(f"sample_sampler must be one of {list(SAMPLERS)}, "
+                              f"got {self.sample_sampler!r}")
+        self.model_config()  # validates model and routing fields
+
+    def model_config(self) -> ModelConfig:
+        routing = RoutingConfig(mode=self.routing, query=self.query, chunk_size=self.chunk_size,
+                                final_aggregator=self.final_aggregator)
+        channels = 3 if self.data == "procedural" else None
+        overrides: dict[str, Any] = dict(input_size=self.image_size, num_classes=self.num_classes)
+        if channels is not None:
+            overrides["in_channels"] = channels
+        return model_config(self.model, routing=routing, **overrides)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown train config field(s) {unknown}")
+        return cls(**d)
+
+
+def make_train_dataset(tc: TrainConfig) -> Any:
+    from dar_core.data import make_dataset
+
+    return make_dataset(tc.data, image_size=tc.image_size, num_classes=tc.num_classes,
+                        seed=tc.seed)
+
+
+class TrainStream:
+    """Global training batches as a pure function of ``(seed, step)``, sliced per rank."""
+
+    def __init__(self, dataset: Any, tc: TrainConfig, null_class: int):
+        self.dataset = dataset
+        self.tc = tc
+        self.null_class = null_class
+
+    def batch(self, step: int, rank: int = 0, world: int = 1) -> dict[str, np.ndarray]:
+        """``x`` [b,C,H,W] float32, ``y`` [b] int64 (null class where dropped), ``t`` [b] float32,
+        ``noise`` like ``x``; ``b = batch_size / world`` rows ``rank*b ... (rank+1)*b``."""
+        B = self.tc.batch_size
+        if B % world:
+            raise ConfigError(f"batch_size={B} is not divisible by the world size {world}")
+        x, y = self.dataset.train_batch(step, B)
+        rng = np.random.default_rng([self.tc.seed, 2, step])
+        t = sample_time(rng, B, self.tc.time_sampling)
+        noise = rng.standard_normal(x.shape, dtype=np.float32)
+        drop = rng.random(B) < self.tc.class_dropout
+        y = np.where(drop, self.null_class, y).astype(np.int64)
+        b = B // world
+        sl = slice(rank * b, (rank + 1) * b)
+        return {"x": np.ascontiguousarray(x[sl], dtype=np.float32), "y": y[sl], "t": t[sl],
+                "noise": noise[sl]}
+
+
+def grid_inputs(cfg: ModelConfig, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed noise and labels (class-major) for the sample grids of a run."""
+    y = np.repeat(np.arange(cfg.num_classes, dtype=np.int64), per_class)
+    rng = np.random.default_rng([seed, 3])
+    noise = rng.standard_normal((len(y), cfg.in_channels, cfg.input_size, cfg.input_size),
+                                dtype=np.float32)
+    return noise, y
+
+
+_CKPT = re.compile(r"^ckpt-(\d{7})\.safetensors$")
+
+
+class Run:
+    """A run folder: ``config.json``, ``metrics.jsonl``, ``checkpoints/``, ``samples/``."""
+
+    def __init__(self, tc: TrainConfig, backend: str, rank: int = 0, world: int = 1):
+        self.tc, self.backend, self.rank, self.world = tc, backend, rank, world
+        self.cfg = tc.model_config()
+        self.dir = Path(tc.out)
+        self.ckpt_dir = self.dir / "checkpoints"
+        self.sample_dir = self.dir / "samples"
+        self.metrics_path = self.dir / "metrics.jsonl"
+        self.dataset = make_train_dataset(tc)
+        if self.dataset.channels != self.cfg.in_channels:
+            self.cfg = self.cfg.replace(in_channels=self.dataset.channels)
+        self.stream = TrainStream(self.dataset, tc, self.cfg.null_class)
+        self.start_step = 0
+        self._t_last: float | None = None
+        self._last_step = -1
+        self._bar: Any = None
+        if self.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.dir / "config.json", json.dumps(
+                {"train": tc.to_dict(), "model": self.cfg.to_dict(), "backend": backend},
+                indent=2).encode())
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # Checkpoints ------------------------------------------------------------------------
+    def checkpoints(self) -> list[Path]:
+        if not self.ckpt_dir.is_dir():
+            return []
+        return sorted(p for p in self.ckpt_dir.iterdir() if _CKPT.match(p.name))
+
+    def resume_checkpoint(self) -> Checkpoint | None:
+        """The checkpoint named by ``tc.resume`` (``"auto"``: the newest in the run folder)."""
+        if not self.tc.resume:
+            return None
+        if self.tc.resume == "auto":
+            found = self.checkpoints()
+            if not found:
+                return None
+            path = found[-1]
+        else:
+            path = Path(self.tc.resume)
+        ckpt = load_checkpoint(path, self.cfg)
+        if ckpt.config != self.cfg:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} was written for a different model config:\n"
+                f"  checkpoint: {ckpt.config}\n  this run:   {self.cfg}"
+            )
+        self.start_step = int(ckpt.meta["step"])
+        if self.is_main:
+            self._truncate_metrics(self.start_step)
+        return ckpt
+
+    def save(self, step: int, params: dict, ema: dict | None = None, opt: dict | None = None,
+             state: dict | None = None) -> Path | None:
+        """Write ``ckpt-<step>.safetensors`` (``step`` = optimizer steps done) on rank 0 and
+        prune old ones. Arrays must already be NumPy (float32)."""
+        if not self.is_main:
+            return None
+        path = self.ckpt_dir / f"ckpt-{step:07d}.safetensors"
+        meta = {"step": step, "train": self.tc.to_dict(), "backend": self.backend,
+                "world": self.world}
+        save_checkpoint(path, self.cfg, params, ema=ema, opt=opt, state=state, meta=meta)
+        for old in self.checkpoints()[: -self.tc.keep_checkpoints]:
+            old.unlink()
+        self.plot()
+        return path
+
+    # Loop helpers ------------------------------------------------------------------------
+    def steps(self) -> Iterator[int]:
+        """Step indices ``start .. steps-1``; a progress bar on rank 0."""
+        rng = range(self.start_step, self.tc.steps)
+        if self.is_main and self.tc.progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(rng, total=self.tc.steps, initial=self.start_step,
+                             desc=f"train {self.backend}", dynamic_ncols=True, file=sys.stderr)
+            yield from self._bar
+        else:
+            yield from rng
+
+    def done(self, step: int) -> int:
+        """Optimizer steps completed after running ``step``."""
+        return step + 1
+
+    def should_checkpoint(self, step: int) -> bool:
+        n = self.done(step)
+        return n % self.tc.ckpt_every == 0 or n == self.tc.steps
+
+    def should_sample(self, step: int) -> bool:
+        n = self.done(step)
+        return n % self.tc.sample_every == 0 or n == self.tc.steps
+
+    def log(self, step: int, loss: float, grad_norm: float, **extra: float) -> None:
+        """Record one step; raise NonFiniteLossError naming the step on NaN/inf loss."""
+        if not math.isfinite(loss):
+            if self._bar is not None:
+                self._bar.close()
+            raise NonFiniteLossError(
+                f"loss is {loss} at step {step}; stopping. The last good checkpoint in "
+                f"{str(self.ckpt_dir)!r} is kept: resume from it with a lower lr"
+            )
+        now = time.perf_counter()
+        if self._t_last is None:
+            self._t_last, self._last_step = now, step
+        n = self.done(step)
+        if not self.is_main or (n % self.tc.log_every and n != self.tc.steps):
+            return
+        steps_done = step - self._last_step
+        img_s = steps_done * self.tc.batch_size / (now - self._t_last) if steps_done else float("nan")
+        self._t_last, self._last_step = now, step
+        rec = {"step": n, "loss": float(loss), "grad_norm": float(grad_norm),
+               "img_per_s": img_s, "time": time.time(), **{k: float(v) for k, v in extra.items()}}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{img_s:.0f}")
+
+    def sample_grid(
+        self,
+        step: int,
+        velocity: Callable[[Any, float, Any], Any],
+        asarray: Callable[[np.ndarray], Any],
+        to_numpy: Callable[[Any], np.ndarray],
+    ) -> Path | None:
+        """Sample the fixed grid inputs with the EMA model and write a PNG (rank 0)."""
+        if not self.is_main:
+            return None
+        from dar_core.images import save_image_grid
+
+        noise, y = grid_inputs(self.cfg, self.tc.per_class, self.tc.seed)
+        out = sample(velocity, asarray(noise), asarray(y), sampler=self.tc.sample_sampler,
+                     steps=self.tc.sample_steps, cfg_scale=self.tc.sample_cfg,
+                     null_class=self.cfg.null_class, rng=np.random.default_rng([self.tc.seed, 4]),
+                     asarray=asarray)
+        path = self.sample_dir / f"step-{self.done(step):07d}.png"
+        save_image_grid(to_numpy(out), path, nrow=self.tc.per_class)
+        return path
+
+    def plot(self) -> None:
+        if self.is_main and self.metrics_path.exists():
+            from dar_core.plots import plot_training
+
+            plot_training(self.metrics_path, self.dir / "training.png")
+
+    def finish(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        self.plot()
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop records past ``step`` left by a run that died after its last checkpoint."""
+        if not self.metrics_path.exists():
+            return
+        keep = [ln for ln in self.metrics_path.read_text().splitlines()
+                if ln.strip() and json.loads(ln)["step"] <= step]
+        atomic_write_bytes(self.metrics_path, "".join(k + "\n" for k in keep).encode())
+
+
+def env_rank_world() -> tuple[int, int]:
+    """Rank and world size from the usual launcher variables (torchrun, mlx.launch)."""
+    for r, w in (("RANK", "WORLD_SIZE"), ("MLX_RANK", "MLX_WORLD_SIZE")):
+        if r in os.environ and w in os.environ:
+            return int(os.environ[r]), int(os.environ[w])
+    return 0, 1
