@@ -100,3 +100,37 @@ def route(
     alpha = e / xp.sum(e, axis=0, keepdims=True)  # [N, ...]
     h = xp.sum(xp.expand_dims(alpha, axis=-1) * sources, axis=0)  # [..., d]
     return h, alpha
+
+
+def source_slices(num_sublayers: int, routing: RoutingConfig) -> list[tuple[slice, ...]]:
+    """The same sets as ``source_sets``, each as at most two strided slices of the history
+    axis (summaries every ``S``-th entry, then the raw outputs of the current chunk), so a
+    backend reads sources as views of one preallocated history buffer, never by gathering."""
+    L = num_sublayers
+    if not routing.is_dar:
+        return [(slice(0, l),) for l in range(1, L + 2)]
+    S = routing.chunk_size
+
+    def pieces(last_summary: int, raw_start: int, raw_stop: int) -> tuple[slice, ...]:
+        out = [slice(0, last_summary + 1, S)]
+        if raw_stop > raw_start:
+            out.append(slice(raw_start, raw_stop))
+        return tuple(out)
+
+    result = []
+    for l in range(1, L + 1):
+        start = ((l - 1) // S) * S  # index of c_{n-1}
+        result.append(pieces(start, start + 1, l))
+    last_start = ((L - 1) // S) * S
+    if routing.final_aggregator:
+        result.append(pieces(last_start, last_start + 1, L + 1))
+    elif L - last_start == S:  # the last chunk is full: v_L is the next summary on the stride
+        result.append((slice(0, L + 1, S),))
+    else:
+        result.append(pieces(last_start, L, L + 1))
+    return result
+
+
+def expand_slices(slices: tuple[slice, ...]) -> tuple[int, ...]:
+    """History indices covered by ``slices`` (in order)."""
+    return tuple(i for s in slices for i in range(s.start, s.stop, s.step or 1))

@@ -1,0 +1,6 @@
+"""PyTorch backend: ``DARTransformer`` and a full SiT training loop (CUDA, bf16, DDP)."""
+
+from .model import DARTransformer
+from .trainer import train, velocity_model
+
+__all__ = ["DARTransformer", "train", "velocity_model"]

@@ -1,0 +1,198 @@
+"""DAR routing for PyTorch: one preallocated history buffer, read through strided views.
+
+Forward: ``History.write(v_l)`` copies ``v_l`` into row ``l`` of a ``[L+1, B, T, d]`` buffer and
+caches its inverse RMS once (``rstd``, a ``[L+1, B, T]`` buffer). ``History.read`` mixes the
+rows named by ``dar_core.routing.source_slices`` (at most two strided views, never a gather):
+
+    logit_i = rstd_i * (v_i . q~)      with the folded query q~ = q * w_norm / sqrt(d)
+    alpha   = softmax over the sources of logit
+    h       = sum_i alpha_i v_i
+
+Backward: writes into a buffer that autograd has saved would break autograd's version checks,
+so the buffer lives outside autograd. Two small Functions carry the gradient instead:
+``_Write`` returns a scalar *token* per source, and every ``_Read`` takes the tokens of the
+sources it reads. Autograd therefore runs every reader's backward before the writer's. Readers
+accumulate ``dL/dv_i`` in place into a gradient buffer; the writer hands row ``l`` to ``v_l``.
+Per source the gradient of one read is (``s_i = v_i . q~``, ``beta = alpha * (dalpha -
+sum alpha dalpha)``, ``dalpha_i = g . v_i``)::
+
+    dv_i = alpha_i g + beta_i rstd_i q~ - (beta_i s_i rstd_i^3 / d) v_i
+    dq~  = sum_i beta_i rstd_i v_i
+
+The history is stored, and the routing math runs, in at least float32 whatever the autocast
+dtype. ``NaiveHistory`` is the readable four-pass form over ``dar_core.routing.route`` kept
+for tests and benchmarks; ``ResidualStream`` is the same interface with routing off.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd import Function
+
+from dar_core.routing import route
+
+
+def _acc(x: Tensor) -> Tensor:
+    """At least float32 (bf16/fp16 activations are routed in float32, float64 stays)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _dots(v: Tensor, q: Tensor) -> Tensor:
+    """``[n, B, T, d] . q -> [n, B, T]`` for a query of shape ``[d]``, ``[B, 1, d]`` or
+    ``[B, T, d]``."""
+    if q.dim() == 1:
+        return v @ q
+    if q.shape[1] == 1:
+        return torch.einsum("nbtd,bd->nbt", v, q[:, 0])
+    return torch.einsum("nbtd,btd->nbt", v, q)
+
+
+def _reduce_to(g: Tensor, q: Tensor) -> Tensor:
+    """Sum a ``[B, T, d]`` gradient down to the broadcast shape of ``q``."""
+    if q.dim() == 1:
+        return g.sum(dim=(0, 1))
+    if q.shape[1] == 1:
+        return g.sum(dim=1, keepdim=True)
+    return g
+
+
+class _Write(Function):
+    @staticmethod
+    def forward(ctx: Any, v: Tensor, hist: History, l: int) -> Tensor:
+        hist.store(v, l)
+        ctx.hist, ctx.l = hist, l
+        return hist.buf.new_zeros(())
+
+    @staticmethod
+    def backward(ctx: Any, _token_grad: Tensor) -> tuple[Tensor | None, None, None]:
+        grad = ctx.hist.grad
+        return (None if grad is None else grad[ctx.l]), None, None
+
+
+class _Read(Function):
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, hist: History, slices: tuple, *tokens: Tensor):
+        pieces = [hist.buf[s] for s in slices]  # views, each [n_k, B, T, d]
+        rstd = torch.cat([hist.rstd[s] for s in slices])  # [N, B, T]
+        dots = torch.cat([_dots(v, q) for v in pieces])  # [N, B, T]
+        alpha = torch.softmax(rstd * dots, dim=0)  # [N, B, T]
+        h = 0
+        start = 0
+        for v in pieces:
+            n = v.shape[0]
+            h = h + torch.einsum("nbt,nbtd->btd", alpha[start:start + n], v)  # [B, T, d]
+            start += n
+        ctx.save_for_backward(q, alpha, dots, rstd)
+        ctx.hist, ctx.slices = hist, slices
+        ctx.mark_non_differentiable(alpha)
+        return h, alpha
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor, _alpha_grad: Tensor):
+        q, alpha, dots, rstd = ctx.saved_tensors
+        hist = ctx.hist
+        pieces = [hist.buf[s] for s in ctx.slices]
+        d = g.shape[-1]
+        dalpha = torch.cat([torch.einsum("nbtd,btd->nbt", v, g) for v in pieces])  # [N, B, T]
+        beta = alpha * (dalpha - (alpha * dalpha).sum(0, keepdim=True))  # dL/dlogit
+        br = beta * rstd  # [N, B, T]
+        coef_v = beta * dots * rstd**3 / d  # [N, B, T]
+        qb = q if q.dim() > 1 else q.view(1, 1, d)
+        grad = hist.grad_buffer()
+        dq = torch.zeros(g.shape, dtype=g.dtype, device=g.device)  # [B, T, d]
+        start = 0
+        for s, v in zip(ctx.slices, pieces):
+            sl = slice(start, start + v.shape[0])
+            start += v.shape[0]
+            a, b, c = alpha[sl, ..., None], br[sl, ..., None], coef_v[sl, ..., None]
+            grad[s] += a * g + b * qb - c * v  # [n, B, T, d]
+            dq += torch.einsum("nbt,nbtd->btd", br[sl], v)
+        return (_reduce_to(dq, q), None, None) + (None,) * (len(ctx.needs_input_grad) - 3)
+
+
+class History:
+    """The efficient routing state of one forward pass (see the module docstring)."""
+
+    def __init__(self, v0: Tensor, num_sublayers: int, slices: list, eps: float):
+        B, T, d = v0.shape
+        self.d, self.eps, self.slices = d, eps, slices
+        dtype = _acc(v0).dtype
+        self.buf = v0.new_empty((num_sublayers + 1, B, T, d), dtype=dtype)
+        self.rstd = v0.new_empty((num_sublayers + 1, B, T), dtype=dtype)
+        self.grad: Tensor | None = None
+        self.tokens: list[Tensor] = []
+        self.weights: list[Tensor] = []
+        self.newest = v0  # the autograd-tracked newest output (the dynamic query reads it)
+        self.write(v0)
+
+    def store(self, v: Tensor, l: int) -> None:
+        with torch.no_grad():
+            self.buf[l].copy_(v)
+            self.rstd[l] = torch.rsqrt(self.buf[l].square().mean(-1) + self.eps)
+
+    def grad_buffer(self) -> Tensor:
+        if self.grad is None:
+            self.grad = torch.zeros_like(self.buf)
+        return self.grad
+
+    def write(self, v: Tensor) -> None:
+        l = len(self.tokens)
+        self.newest = v
+        if torch.is_grad_enabled() and v.requires_grad:
+            self.tokens.append(_Write.apply(v, self, l))
+        else:
+            self.store(v, l)
+            self.tokens.append(self.buf.new_zeros(()))
+
+    def read(self, k: int, raw_query: Tensor, norm_weight: Tensor) -> Tensor:
+        """Input of aggregator ``k`` (0-indexed), ``[B, T, d]`` (at least float32)."""
+        slices = self.slices[k]
+        toks = [self.tokens[i] for s in slices for i in range(s.start, s.stop, s.step or 1)]
+        h, alpha = _Read.apply(fold_query(raw_query, norm_weight), self, slices, *toks)
+        self.weights.append(alpha)
+        return h
+
+
+class NaiveHistory:
+    """Re-stacks the visible sources and calls the core's four-pass ``route`` (reference)."""
+
+    def __init__(self, v0: Tensor, num_sublayers: int, slices: list, eps: float):
+        self.vs, self.slices, self.eps = [_acc(v0)], slices, eps
+        self.weights: list[Tensor] = []
+        self.newest = v0
+
+    def write(self, v: Tensor) -> None:
+        self.vs.append(_acc(v))
+        self.newest = v
+
+    def read(self, k: int, raw_query: Tensor, norm_weight: Tensor) -> Tensor:
+        idx = [i for s in self.slices[k] for i in range(s.start, s.stop, s.step or 1)]
+        h, alpha = route(torch.stack([self.vs[i] for i in idx]), _acc(raw_query),
+                         _acc(norm_weight), eps=self.eps)
+        self.weights.append(alpha)
+        return h
+
+
+class ResidualStream:
+    """Routing off: the input of every sublayer is the running sum of all earlier outputs."""
+
+    def __init__(self, v0: Tensor, *_: Any):
+        self.h = v0
+        self.newest = v0
+        self.weights: list[Tensor] = []
+
+    def write(self, v: Tensor) -> None:
+        self.h = self.h + v
+        self.newest = v
+
+    def read(self, k: int, *_: Any) -> Tensor:
+        return self.h
+
+
+def fold_query(raw_query: Tensor, norm_weight: Tensor) -> Tensor:
+    """``q * w_norm / sqrt(d)``: the RMSNorm weight and the logit scale folded into the query."""
+    return _acc(raw_query) * (_acc(norm_weight) / math.sqrt(norm_weight.shape[-1]))

@@ -1,0 +1,177 @@
+"""The PyTorch training loop: SiT velocity loss, AdamW, EMA, clipping, bf16, DDP, resume.
+
+Launch with ``dar train --backend torch ...`` for one process, or under ``torchrun`` for data
+parallel (``nccl`` on CUDA, ``gloo`` on CPU). All randomness comes from the core's
+``TrainStream`` (a function of seed and step), so a resumed run is bit-identical and a DDP run
+sees the same global batch as a single process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dar_core.backend import VelocityModel
+from dar_core.config import ModelConfig
+from dar_core.interpolant import interpolate, velocity_target
+from dar_core.training import Run, TrainConfig, env_rank_world
+
+from .model import DARTransformer
+
+
+def pick_device(device: str = "auto", local_rank: int = 0) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Velocity MSE at ``x_t = t x + (1 - t) noise``."""
+    x, noise, t = batch["x"], batch["noise"], batch["t"]
+    x_t = interpolate(x, noise, t)  # [B, C, H, W]
+    pred = model(x_t, t, batch["y"])  # [B, C, H, W]
+    return (pred.float() - velocity_target(x, noise)).square().mean()
+
+
+class _Velocity(torch.nn.Module):
+    """Routes DDP's ``forward`` to the unchecked ``velocity`` path (inputs come from the
+    core's stream, already valid)."""
+
+    def __init__(self, model: DARTransformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, t, y):
+        return self.model.velocity(x, t, y)
+
+
+def opt_state_to_numpy(opt: torch.optim.Optimizer, named: dict[str, torch.nn.Parameter],
+                       step: int) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {"step": np.array(step, dtype=np.int64)}
+    for name, p in named.items():
+        st = opt.state.get(p)
+        if st:
+            out[f"m/{name}"] = st["exp_avg"].detach().cpu().numpy()
+            out[f"v/{name}"] = st["exp_avg_sq"].detach().cpu().numpy()
+    return out
+
+
+def opt_state_from_numpy(opt: torch.optim.Optimizer, named: dict[str, torch.nn.Parameter],
+                         saved: dict[str, np.ndarray]) -> None:
+    step = float(saved["step"])
+    for name, p in named.items():
+        if f"m/{name}" in saved:
+            opt.state[p] = {
+                "step": torch.tensor(step),
+                "exp_avg": torch.from_numpy(saved[f"m/{name}"]).to(p.device, p.dtype),
+                "exp_avg_sq": torch.from_numpy(saved[f"v/{name}"]).to(p.device, p.dtype),
+            }
+
+
+def train(tc: TrainConfig) -> Path:
+    rank, world = env_rank_world()
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    device = pick_device(tc.device, local_rank)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    try:
+        return _train(tc, rank, world, device)
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(tc: TrainConfig, rank: int, world: int, device: torch.device) -> Path:
+    run = Run(tc, backend="torch", rank=rank, world=world)
+    ckpt = run.resume_checkpoint()
+
+    model = DARTransformer(run.cfg, seed=tc.seed, grad_checkpoint=tc.grad_checkpoint)
+    if ckpt is not None:
+        model.load_numpy(ckpt.params)
+    model.to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    if ckpt is not None:
+        ema.load_numpy(ckpt.weights("ema"))
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params = list(named.values())
+    ema_params = [dict(ema.named_parameters())[n] for n in named]
+    opt = torch.optim.AdamW(params, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.adam_eps,
+                            weight_decay=tc.weight_decay)
+    if ckpt is not None:
+        opt_state_from_numpy(opt, named, ckpt.opt)
+
+    net: torch.nn.Module = _Velocity(model)
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None)
+    if tc.compile:
+        net = torch.compile(net)
+    max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
+
+    for step in run.steps():
+        batch = {k: torch.from_numpy(v).to(device, non_blocking=True)
+                 for k, v in run.stream.batch(step, rank, world).items()}
+        with autocast(device, tc.precision):
+            loss = loss_fn(net, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_mul_(ema_params, tc.ema_decay)
+            torch._foreach_add_(ema_params, params, alpha=1.0 - tc.ema_decay)
+        if world > 1:
+            loss = loss.detach().clone()
+            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+        run.log(step, loss.item(), grad_norm.item())
+
+        n = run.done(step)
+        if run.should_checkpoint(step):
+            run.save(n, params=model.numpy_params(), ema=ema.numpy_params(),
+                     opt=opt_state_to_numpy(opt, named, n))
+        if run.should_sample(step):
+            vm = _velocity_handle(ema, device, tc.precision)
+            run.sample_grid(step, vm.velocity, vm.asarray, vm.to_numpy)
+    run.finish()
+    return run.dir
+
+
+def _velocity_handle(model: DARTransformer, device: torch.device, precision: str
+                     ) -> VelocityModel:
+    def velocity(x: torch.Tensor, t: float, y: torch.Tensor) -> torch.Tensor:
+        tt = torch.full((x.shape[0],), t, device=device, dtype=torch.float32)
+        with torch.inference_mode(), autocast(device, precision):
+            return model.velocity(x, tt, y).float()
+
+    return VelocityModel(
+        velocity=velocity,
+        asarray=lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device),
+        to_numpy=lambda a: a.detach().float().cpu().numpy(),
+    )
+
+
+def velocity_model(config: ModelConfig, weights: dict[str, np.ndarray], precision: str = "fp32",
+                   device: str = "auto") -> VelocityModel:
+    """A sampling handle for the core samplers (``dar sample --backend torch``)."""
+    dev = pick_device(device)
+    model = DARTransformer(config)
+    model.load_numpy(weights)
+    return _velocity_handle(model.to(dev).eval(), dev, precision)

@@ -1,0 +1,35 @@
+"""Numerical comparison helpers shared by the tests, the conformance suite and benchmarks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def rel_err(a: Any, b: Any) -> float:
+    """``max |a - b| / max |b|`` (0 when both are all zero), computed in float64."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise AssertionError(f"shapes differ: {a.shape} vs {b.shape}")
+    scale = float(np.max(np.abs(b))) if b.size else 0.0
+    diff = float(np.max(np.abs(a - b))) if a.size else 0.0
+    return diff / scale if scale > 0 else diff
+
+
+def assert_close(a: Any, b: Any, rtol: float, what: str = "value") -> float:
+    """Assert ``rel_err(a, b) <= rtol``; the message names what was compared and the error."""
+    err = rel_err(a, b)
+    if not err <= rtol:
+        raise AssertionError(f"{what}: relative error {err:.3e} exceeds {rtol:.1e}")
+    return err
+
+
+def cosine(a: Any, b: Any) -> float:
+    a = np.asarray(a, dtype=np.float64).ravel()
+    b = np.asarray(b, dtype=np.float64).ravel()
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 or nb == 0:
+        return 1.0 if na == nb else 0.0
+    return float(a @ b / (na * nb))
