@@ -77,7 +77,7 @@ def _as_saveable(name: str, a: Any) -> np.ndarray:
     a = np.asarray(a)
     if a.dtype == object or a.dtype.kind not in "fiub":
         raise CheckpointError(f"tensor {name!r} has unsupported dtype {a.dtype}")
-    return np.ascontiguousarray(a)
+    return a if a.flags.c_contiguous else a.copy(order="C")  # keeps 0-d scalars 0-d
 
 
 def save_checkpoint(

@@ -199,7 +199,7 @@ def model_config(
     if routing is None:
         routing = RoutingConfig()
     elif isinstance(routing, str):
-        routing = RoutingConfig(mode="residual") if routing == "residual" else RoutingConfig(mode=routing)
+        routing = RoutingConfig(mode=routing)
     base.update(overrides)
     return ModelConfig(name=name, routing=routing, **base)
 

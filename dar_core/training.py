@@ -300,7 +300,8 @@ class Run:
         if not self.is_main or (n % self.tc.log_every and n != self.tc.steps):
             return
         steps_done = step - self._last_step
-        img_s = steps_done * self.tc.batch_size / (now - self._t_last) if steps_done else float("nan")
+        elapsed = now - self._t_last
+        img_s = steps_done * self.tc.batch_size / elapsed if steps_done else float("nan")
         self._t_last, self._last_step = now, step
         rec = {"step": n, "loss": float(loss), "grad_norm": float(grad_norm),
                "img_per_s": img_s, "time": time.time(), **{k: float(v) for k, v in extra.items()}}

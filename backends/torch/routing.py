@@ -12,7 +12,8 @@ Backward: writes into a buffer that autograd has saved would break autograd's ve
 so the buffer lives outside autograd. Two small Functions carry the gradient instead:
 ``_Write`` returns a scalar *token* per source, and every ``_Read`` takes the tokens of the
 sources it reads. Autograd therefore runs every reader's backward before the writer's. Readers
-accumulate ``dL/dv_i`` in place into a gradient buffer; the writer hands row ``l`` to ``v_l``.
+accumulate ``dL/dv_i`` in place into a gradient buffer; the writer hands row ``l`` to ``v_l``
+and clears it.
 Per source the gradient of one read is (``s_i = v_i . q~``, ``beta = alpha * (dalpha -
 sum alpha dalpha)``, ``dalpha_i = g . v_i``)::
 
@@ -70,7 +71,11 @@ class _Write(Function):
     @staticmethod
     def backward(ctx: Any, _token_grad: Tensor) -> tuple[Tensor | None, None, None]:
         grad = ctx.hist.grad
-        return (None if grad is None else grad[ctx.l]), None, None
+        if grad is None:
+            return None, None, None
+        g = grad[ctx.l].clone()
+        grad[ctx.l].zero_()  # every reader of row l is done: a retained graph can run again
+        return g, None, None
 
 
 class _Read(Function):
