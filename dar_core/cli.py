@@ -1,4 +1,4 @@
-"""The ``dar`` command: ``dar train``, ``dar sample``.
+"""The ``dar`` command: ``dar train``, ``dar sample``, ``dar diagnose``.
 
 ``dar train`` takes every TrainConfig field as a flag (``--lr 3e-4 --query dynamic``), so the
 command line and the Python API cannot drift apart.
@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from dar_core.backend import BACKENDS, load_backend
+from dar_core.diagnostics import DEFAULT_TIMESTEPS
 from dar_core.errors import DARError
 from dar_core.samplers import SAMPLERS
 from dar_core.training import TrainConfig
@@ -64,7 +65,26 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default="auto")
     sp.add_argument("--out", default=None, help="PNG path (default: next to the checkpoint)")
     sp.add_argument("--save-npz", default=None, help="also save the raw samples (npz)")
+    dg = sub.add_parser("diagnose", help="state/gradient magnitudes, redundancy, routing maps")
+    dg.add_argument("--checkpoint", action="append", required=True,
+                    help="repeat to compare checkpoints (e.g. residual vs DAR)")
+    dg.add_argument("--timesteps", type=float, nargs="+", default=list(DEFAULT_TIMESTEPS))
+    dg.add_argument("--n", type=int, default=32, help="evaluation batch size")
+    dg.add_argument("--backend", choices=("auto", "reference") + BACKENDS, default="auto")
+    dg.add_argument("--weights", choices=("ema", "params"), default="ema")
+    dg.add_argument("--out", default="diagnostics")
     return ap
+
+
+def cmd_diagnose(args: argparse.Namespace) -> None:
+    from dar_core.diagnostics import diagnose, headline, write_report
+
+    result = diagnose(args.checkpoint, tuple(args.timesteps), n=args.n, backend=args.backend,
+                      weights=args.weights)
+    for line in headline(result):
+        print(line)
+    for p in write_report(result, args.out):
+        print(f"wrote {p}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -92,7 +112,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"train": cmd_train, "sample": cmd_sample}[args.command](args)
+        {"train": cmd_train, "sample": cmd_sample, "diagnose": cmd_diagnose}[args.command](args)
     except DARError as e:
         print(f"dar {args.command}: error: {e}", file=sys.stderr)
         return 2

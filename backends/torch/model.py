@@ -214,6 +214,9 @@ class DARTransformer(nn.Module):
         v0 = self.x_embedder(x) + self.pos_embed  # [B, T, d]
         t_emb = self.t_embedder(t)  # [B, d]
         c = t_emb + self.y_embedder(y)  # [B, d]
+        gates = trace.get("gates") if trace is not None else None  # [L+1] ones, or None
+        if gates is not None:  # measurement-only gates of 1 on every source (diagnostics)
+            v0 = v0 * gates[0]
         if not cfg.routing.is_dar:
             state = ResidualStream(v0)
         elif self.routing_impl == "naive":
@@ -223,16 +226,24 @@ class DARTransformer(nn.Module):
 
         def read(k: int, router: Router | None) -> Tensor:
             if router is None:
-                return state.read(k)  # residual stream
-            q = router.raw_query(t_emb, state.newest)  # [d] | [B, 1, d] | [B, T, d]
-            return state.read(k, q, router.norm.weight)  # [B, T, d]
+                h = state.read(k)  # residual stream
+            else:
+                q = router.raw_query(t_emb, state.newest)  # [d] | [B, 1, d] | [B, T, d]
+                h = state.read(k, q, router.norm.weight)  # [B, T, d]
+            if trace is not None:  # diagnostics: the aggregated inputs and their gradients
+                trace.setdefault("inputs", []).append(h)
+                if h.requires_grad:
+                    h.retain_grad()
+            return h
 
         for i, block in enumerate(self.blocks):
             mods = block.adaLN_modulation(c).chunk(6, dim=1)  # 6 x [B, d]
             h = read(2 * i, getattr(block, "attn_router", None))  # [B, T, d]
-            state.write(self._run(block.attn_branch, h, *mods[0:3]))  # v_{2i+1}: [B, T, d]
+            v = self._run(block.attn_branch, h, *mods[0:3])  # v_{2i+1}: [B, T, d]
+            state.write(v if gates is None else v * gates[2 * i + 1])
             h = read(2 * i + 1, getattr(block, "mlp_router", None))  # [B, T, d]
-            state.write(self._run(block.mlp_branch, h, *mods[3:6]))  # v_{2i+2}: [B, T, d]
+            v = self._run(block.mlp_branch, h, *mods[3:6])  # v_{2i+2}: [B, T, d]
+            state.write(v if gates is None else v * gates[2 * i + 2])
 
         h = read(L, getattr(self, "final_router", None))  # [B, T, d]
         out = self.final_layer(h, c)  # [B, T, p*p*C]
