@@ -100,6 +100,7 @@ class _Read(Function):
     def backward(ctx: Any, g: Tensor, _alpha_grad: Tensor):
         q, alpha, dots, rstd = ctx.saved_tensors
         hist = ctx.hist
+        g = g.to(hist.buf.dtype)  # autocast consumers may hand back a bf16 gradient
         pieces = [hist.buf[s] for s in ctx.slices]
         d = g.shape[-1]
         dalpha = torch.cat([torch.einsum("nbtd,btd->nbt", v, g) for v in pieces])  # [N, B, T]
