@@ -1,0 +1,127 @@
+"""One adapter per backend: the only module that imports every backend.
+
+Each adapter takes NumPy in and gives NumPy out, so the checks are written once:
+
+- ``forward(cfg, params, x, t, y, dtype)``: velocity through the public model;
+- ``loss_and_grads(cfg, params, batch, dtype)``: the training loss at fixed (x, noise, t, y)
+  and the gradient of every trainable parameter;
+- ``route(v, q, w, g, dtype)``: the backend's efficient routing op on ``N`` sources
+  ``v [N, B, T, d]`` (query ``q``, norm weight ``w``) with cotangent ``g`` on the output:
+  ``(h, alpha, dv, dq, dw)``;
+- ``velocity_model(cfg, weights)`` and ``train(tc)``: the backend contract itself.
+
+``dtype`` is ``"float32"``, ``"bfloat16"`` (compute in bf16, float32 master weights) or, for
+backends that can be a float64 oracle, ``"float64"``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any
+
+import numpy as np
+
+from dar_core.backend import BACKENDS
+from dar_core.config import ModelConfig
+from dar_core.interpolant import interpolate, velocity_target
+from dar_core.schema import NON_TRAINABLE
+
+
+def _installed(name: str) -> bool:
+    mod = {"torch": "torch", "jax": "jax", "mlx": "mlx"}[name]
+    return importlib.util.find_spec(mod) is not None
+
+
+def requested_backends() -> list[str]:
+    """``DAR_BACKENDS`` (comma-separated) or every backend."""
+    env = os.environ.get("DAR_BACKENDS", "").strip()
+    names = [b.strip() for b in env.split(",") if b.strip()] if env else list(BACKENDS)
+    bad = [b for b in names if b not in BACKENDS]
+    if bad:
+        raise ValueError(f"DAR_BACKENDS names unknown backend(s) {bad}; known: {list(BACKENDS)}")
+    return names
+
+
+class TorchAdapter:
+    name = "torch"
+    dtypes = ("float32", "bfloat16", "float64")
+
+    def __init__(self) -> None:
+        import torch
+        from dar_core.backends import torch as bt
+
+        self.torch, self.bt = torch, bt
+
+    def _model(self, cfg: ModelConfig, params: dict, dtype: str):
+        torch = self.torch
+        m = self.bt.DARTransformer(cfg)
+        if dtype == "float64":
+            m = m.double()
+            m.load_numpy({k: np.asarray(v, np.float64) for k, v in params.items()})
+        else:
+            m.load_numpy({k: np.asarray(v, np.float32) for k, v in params.items()})
+        return m, (torch.float64 if dtype == "float64" else torch.float32)
+
+    def _ctx(self, dtype: str):
+        import contextlib
+
+        if dtype == "bfloat16":
+            return self.torch.autocast("cpu", dtype=self.torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def forward(self, cfg, params, x, t, y, dtype="float32"):
+        torch = self.torch
+        m, tdt = self._model(cfg, params, dtype)
+        with torch.no_grad(), self._ctx(dtype):
+            out = m(torch.tensor(x, dtype=tdt), torch.tensor(t, dtype=tdt), torch.tensor(y))
+        return out.float().numpy() if dtype != "float64" else out.numpy()
+
+    def loss_and_grads(self, cfg, params, batch, dtype="float32"):
+        torch = self.torch
+        m, tdt = self._model(cfg, params, dtype)
+        x, noise, t = (torch.tensor(batch[k], dtype=tdt) for k in ("x", "noise", "t"))
+        with self._ctx(dtype):
+            pred = m(interpolate(x, noise, t), t, torch.tensor(batch["y"]))
+        loss = (pred.to(tdt) - velocity_target(x, noise)).square().mean()
+        loss.backward()
+        grads = {n: p.grad.double().numpy() for n, p in m.named_parameters()}
+        return loss.item(), grads
+
+    def route(self, v, q, w, g, dtype="float32"):
+        torch = self.torch
+        from dar_core.backends.torch.routing import History
+
+        tdt = torch.float64 if dtype == "float64" else torch.float32
+        vs = [torch.tensor(a, dtype=tdt, requires_grad=True) for a in v]
+        qq = torch.tensor(q, dtype=tdt, requires_grad=True)
+        ww = torch.tensor(w, dtype=tdt, requires_grad=True)
+        n = len(vs)
+        hist = History(vs[0], n - 1, [(slice(0, n),)], 1e-6)
+        for a in vs[1:]:
+            hist.write(a)
+        h = hist.read(0, qq, ww)
+        (h * torch.tensor(g, dtype=tdt)).sum().backward()
+        dv = np.stack([a.grad.numpy() for a in vs])
+        return (h.detach().numpy(), hist.weights[0].numpy(), dv, qq.grad.numpy(),
+                ww.grad.numpy())
+
+    def velocity_model(self, cfg, weights):
+        return self.bt.velocity_model(cfg, weights, device="cpu")
+
+    def train(self, tc):
+        return self.bt.train(tc)
+
+
+ADAPTERS: dict[str, Any] = {"torch": TorchAdapter}
+
+
+def load(name: str):
+    """The adapter, or None when the backend's framework is not installed."""
+    if not _installed(name):
+        return None
+    return ADAPTERS[name]()
+
+
+def trainable(grads: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: v for k, v in grads.items() if k not in NON_TRAINABLE}

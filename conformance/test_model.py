@@ -1,0 +1,115 @@
+"""Checks 2 and 5: whole-model forward, loss and every parameter's gradient; residual mode
+against a plain DiT; dense zero-query DAR against residual mode."""
+
+import numpy as np
+import pytest
+from hypothesis import given, note
+from hypothesis import strategies as st
+
+from conformance.adapters import trainable
+from conformance.conftest import record
+from conformance.plain_dit import dit_forward
+from conformance.strategies import batches, model_configs, param_seeds
+from conformance.tolerances import tol
+from dar_core.config import RoutingConfig, model_config
+from dar_core.reference import forward
+from dar_core.schema import init_params, random_params
+from dar_core.testing import cosine, rel_err
+
+
+@given(data=st.data())
+def test_forward_matches_reference(adapter, data):
+    cfg = data.draw(model_configs(), label="config")
+    note(f"config: {cfg}")
+    p = random_params(cfg, data.draw(param_seeds))
+    b = data.draw(batches(cfg))
+    ref = forward(p, cfg, b["x"], b["t"], b["y"])
+    out = adapter.forward(cfg, p, b["x"], b["t"], b["y"], "float32")
+    assert out.shape == ref.shape and out.dtype == np.float32
+    assert record("model.forward", adapter.name, rel_err(out, ref)) < tol("forward")
+
+
+@given(data=st.data())
+def test_forward_agrees_pairwise(adapters_pair, data):
+    a, b_ = adapters_pair
+    cfg = data.draw(model_configs(), label="config")
+    note(f"config: {cfg}")
+    p = random_params(cfg, data.draw(param_seeds))
+    b = data.draw(batches(cfg))
+    out_a = a.forward(cfg, p, b["x"], b["t"], b["y"], "float32")
+    out_b = b_.forward(cfg, p, b["x"], b["t"], b["y"], "float32")
+    err = rel_err(out_a, out_b)
+    assert record("model.forward_pair", f"{a.name}-{b_.name}", err) < tol("forward_pair")
+
+
+@given(data=st.data())
+def test_loss_and_every_gradient(adapter, oracle, data):
+    cfg = data.draw(model_configs(max_depth=2), label="config")
+    note(f"config: {cfg}")
+    p = random_params(cfg, data.draw(param_seeds))
+    b = data.draw(batches(cfg))
+    loss64, g64 = oracle.loss_and_grads(cfg, p, b, "float64")
+    loss, g = adapter.loss_and_grads(cfg, p, b, "float32")
+    g, g64 = trainable(g), trainable(g64)
+    assert sorted(g) == sorted(g64)
+    assert record("model.loss", adapter.name, abs(loss - loss64) / abs(loss64)) < tol("loss")
+    big = max(float(np.abs(v).max()) for v in g64.values())
+    for k in g64:
+        bound = tol("grad_rtol") * float(np.abs(g64[k]).max()) + tol("grad_atol") * big
+        err = float(np.abs(g[k] - g64[k]).max())
+        record("model.grad", adapter.name, err / (float(np.abs(g64[k]).max()) or big or 1.0))
+        assert err <= bound, f"{k}: |g - g64| = {err:.3e} > {bound:.3e}"
+
+
+BF16_CONFIGS = [RoutingConfig(query="static_t", chunk_size=4),
+                RoutingConfig(query="dynamic", chunk_size=1), RoutingConfig(mode="residual")]
+
+
+@pytest.mark.parametrize("routing", BF16_CONFIGS, ids=lambda r: f"{r.mode}-{r.query}")
+def test_bf16_forward_and_gradient_direction(adapter, oracle, routing):
+    if "bfloat16" not in adapter.dtypes:
+        pytest.skip(f"{adapter.name} has no bf16 path")
+    cfg = model_config("tiny", routing=routing)
+    p = random_params(cfg, 11)
+    rng = np.random.default_rng(0)
+    shape = (4, 3, 16, 16)
+    b = {"x": rng.standard_normal(shape), "noise": rng.standard_normal(shape),
+         "t": np.array([0.0, 0.3, 0.7, 1.0]), "y": np.array([0, 3, 10, 9])}
+    ref = forward(p, cfg, b["x"], b["t"], b["y"])
+    out = adapter.forward(cfg, p, b["x"], b["t"], b["y"], "bfloat16")
+    assert record("bf16.forward", adapter.name, rel_err(out, ref)) < tol("forward", "bfloat16")
+    _, g64 = oracle.loss_and_grads(cfg, p, b, "float64")
+    _, g = adapter.loss_and_grads(cfg, p, b, "bfloat16")
+    keys = sorted(trainable(g64))
+    c = cosine(np.concatenate([g[k].ravel() for k in keys]),
+               np.concatenate([g64[k].ravel() for k in keys]))
+    record("bf16.grad_1-cosine", adapter.name, 1.0 - c)
+    assert c >= tol("grad_cosine", "bfloat16")
+
+
+@given(data=st.data())
+def test_residual_mode_is_a_plain_dit(adapter, data):
+    cfg = data.draw(model_configs(), label="config").replace(
+        routing=RoutingConfig(mode="residual"))
+    note(f"config: {cfg}")
+    p = random_params(cfg, data.draw(param_seeds))
+    b = data.draw(batches(cfg))
+    ref = dit_forward(p, cfg, b["x"], b["t"], b["y"])
+    out = adapter.forward(cfg, p, b["x"], b["t"], b["y"], "float32")
+    assert record("residual_vs_plain_dit", adapter.name, rel_err(out, ref)) < tol("forward")
+
+
+@given(data=st.data(), query=st.sampled_from(["static", "dynamic"]))
+def test_dense_zero_query_dar_matches_residual(adapter, data, query):
+    res = data.draw(model_configs(), label="config").replace(
+        routing=RoutingConfig(mode="residual"))
+    dar = res.replace(routing=RoutingConfig(query=query, chunk_size=1))
+    note(f"config: {dar}")
+    p = random_params(res, data.draw(param_seeds))
+    p_dar = dict(p)
+    p_dar.update({k: v for k, v in init_params(dar, dtype=np.float64).items() if "router" in k})
+    b = data.draw(batches(res))
+    out_res = adapter.forward(res, p, b["x"], b["t"], b["y"], "float32")
+    out_dar = adapter.forward(dar, p_dar, b["x"], b["t"], b["y"], "float32")
+    # LayerNorm(mean) vs LayerNorm(sum): equal up to the LayerNorm eps (n^2 eps / var).
+    assert record("dense_zero_query_vs_residual", adapter.name, rel_err(out_dar, out_res)) < 1e-3
