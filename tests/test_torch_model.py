@@ -162,3 +162,17 @@ def test_bf16_autocast_forward_close_to_fp32():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(x, t, y)
     assert rel_err(out.float(), ref) < 5e-2
+
+
+@pytest.mark.parametrize("query", ["static_t", "dynamic"])
+def test_bf16_autocast_backward_runs_and_is_finite(query):
+    """Under CPU autocast the gradient reaching the final aggregator can arrive in bf16."""
+    cfg = model_config("tiny", routing=RoutingConfig(query=query, chunk_size=4))
+    model = DARTransformer(cfg)
+    model.load_numpy(random_params(cfg, 4, dtype=np.float32))
+    x, t, y = _torch(*_inputs(cfg))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, t, y)
+    out.float().square().mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
