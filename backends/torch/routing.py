@@ -10,8 +10,9 @@ rows named by ``dar_core.routing.source_slices`` (at most two strided views, nev
 
 Backward: writes into a buffer that autograd has saved would break autograd's version checks,
 so the buffer lives outside autograd. Two small Functions carry the gradient instead:
-``_Write`` returns a scalar *token* per source, and every ``_Read`` takes the tokens of the
-sources it reads. Autograd therefore runs every reader's backward before the writer's. Readers
+``_Write`` returns a scalar *token* per source and takes the previous token, and every ``_Read``
+takes the newest token. The tokens form a chain, so autograd runs the writer of ``v_l`` only
+after every later write and every read that came after it: all readers of ``v_l``. Readers
 accumulate ``dL/dv_i`` in place into a gradient buffer; the writer hands row ``l`` to ``v_l``
 and clears it.
 Per source the gradient of one read is (``s_i = v_i . q~``, ``beta = alpha * (dalpha -
@@ -52,6 +53,10 @@ def _dots(v: Tensor, q: Tensor) -> Tensor:
     return torch.einsum("nbtd,btd->nbt", v, q)
 
 
+def _cat(parts: list[Tensor]) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def _reduce_to(g: Tensor, q: Tensor) -> Tensor:
     """Sum a ``[B, T, d]`` gradient down to the broadcast shape of ``q``."""
     if q.dim() == 1:
@@ -63,47 +68,45 @@ def _reduce_to(g: Tensor, q: Tensor) -> Tensor:
 
 class _Write(Function):
     @staticmethod
-    def forward(ctx: Any, v: Tensor, hist: History, l: int) -> Tensor:
+    def forward(ctx: Any, v: Tensor, prev: Tensor | None, hist: History, l: int) -> Tensor:
         hist.store(v, l)
         ctx.hist, ctx.l = hist, l
         return hist.buf.new_zeros(())
 
     @staticmethod
-    def backward(ctx: Any, _token_grad: Tensor) -> tuple[Tensor | None, None, None]:
+    def backward(ctx: Any, _token_grad: Tensor) -> tuple[Tensor | None, None, None, None]:
         grad = ctx.hist.grad
         if grad is None:
-            return None, None, None
+            return None, None, None, None
         g = grad[ctx.l].clone()
         grad[ctx.l].zero_()  # every reader of row l is done: a retained graph can run again
-        return g, None, None
+        return g, None, None, None
 
 
 class _Read(Function):
     @staticmethod
     def forward(ctx: Any, q: Tensor, hist: History, slices: tuple, *tokens: Tensor):
         pieces = [hist.buf[s] for s in slices]  # views, each [n_k, B, T, d]
-        rstd = torch.cat([hist.rstd[s] for s in slices])  # [N, B, T]
-        dots = torch.cat([_dots(v, q) for v in pieces])  # [N, B, T]
+        rstd = _cat([hist.rstd[s] for s in slices])  # [N, B, T]
+        dots = _cat([_dots(v, q) for v in pieces])  # [N, B, T]
         alpha = torch.softmax(rstd * dots, dim=0)  # [N, B, T]
-        h = 0
-        start = 0
-        for v in pieces:
-            n = v.shape[0]
-            h = h + torch.einsum("nbt,nbtd->btd", alpha[start:start + n], v)  # [B, T, d]
-            start += n
-        ctx.save_for_backward(q, alpha, dots, rstd)
+        h = torch.einsum("nbt,nbtd->btd", alpha[: pieces[0].shape[0]], pieces[0])  # [B, T, d]
+        if len(pieces) == 2:
+            h = h + torch.einsum("nbt,nbtd->btd", alpha[pieces[0].shape[0]:], pieces[1])
+        ctx.save_for_backward(q, alpha, dots)
         ctx.hist, ctx.slices = hist, slices
+        ctx.rstd = rstd  # may be a view of the rstd buffer: its rows are never rewritten
         ctx.mark_non_differentiable(alpha)
         return h, alpha
 
     @staticmethod
     def backward(ctx: Any, g: Tensor, _alpha_grad: Tensor):
-        q, alpha, dots, rstd = ctx.saved_tensors
-        hist = ctx.hist
+        q, alpha, dots = ctx.saved_tensors
+        hist, rstd = ctx.hist, ctx.rstd
         g = g.to(hist.buf.dtype)  # autocast consumers may hand back a bf16 gradient
         pieces = [hist.buf[s] for s in ctx.slices]
         d = g.shape[-1]
-        dalpha = torch.cat([torch.einsum("nbtd,btd->nbt", v, g) for v in pieces])  # [N, B, T]
+        dalpha = _cat([torch.einsum("nbtd,btd->nbt", v, g) for v in pieces])  # [N, B, T]
         beta = alpha * (dalpha - (alpha * dalpha).sum(0, keepdim=True))  # dL/dlogit
         br = beta * rstd  # [N, B, T]
         coef_v = beta * dots * rstd**3 / d  # [N, B, T]
@@ -149,16 +152,16 @@ class History:
         l = len(self.tokens)
         self.newest = v
         if torch.is_grad_enabled() and v.requires_grad:
-            self.tokens.append(_Write.apply(v, self, l))
+            prev = self.tokens[-1] if self.tokens else None
+            self.tokens.append(_Write.apply(v, prev, self, l))
         else:
             self.store(v, l)
             self.tokens.append(self.buf.new_zeros(()))
 
     def read(self, k: int, raw_query: Tensor, norm_weight: Tensor) -> Tensor:
         """Input of aggregator ``k`` (0-indexed), ``[B, T, d]`` (at least float32)."""
-        slices = self.slices[k]
-        toks = [self.tokens[i] for s in slices for i in range(s.start, s.stop, s.step or 1)]
-        h, alpha = _Read.apply(fold_query(raw_query, norm_weight), self, slices, *toks)
+        h, alpha = _Read.apply(fold_query(raw_query, norm_weight), self, self.slices[k],
+                               self.tokens[-1])
         self.weights.append(alpha)
         return h
 
