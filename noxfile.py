@@ -42,3 +42,11 @@ def demo(session: nox.Session) -> None:
     install(session, "torch")
     session.run("python", "examples/torch_cuda.py", "--device", "cpu", "--out", "runs/demo",
                 *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Speed and memory of DAR vs residual per backend; writes benchmarks/results/."""
+    install(session, "all")
+    session.run("python", "-m", "benchmarks.bench_routing", *session.posargs)
+    session.run("python", "-m", "benchmarks.bench_overhead", *session.posargs)

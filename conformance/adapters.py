@@ -49,6 +49,7 @@ class TorchAdapter:
 
     def __init__(self) -> None:
         import torch
+
         from dar_core.backends import torch as bt
 
         self.torch, self.bt = torch, bt

@@ -8,7 +8,6 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from dar_core.backends.torch import DARTransformer, measure  # noqa: E402
-
 from dar_core.checkpoint import save_checkpoint  # noqa: E402
 from dar_core.cli import main  # noqa: E402
 from dar_core.config import RoutingConfig, model_config  # noqa: E402

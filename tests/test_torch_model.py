@@ -6,7 +6,6 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from dar_core.backends.torch import DARTransformer  # noqa: E402
-
 from dar_core.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from dar_core.config import RoutingConfig, model_config  # noqa: E402
 from dar_core.errors import CheckpointError, InputError  # noqa: E402
@@ -75,7 +74,6 @@ def test_history_routing_gradients_match_naive(name):
 def test_routing_gradcheck_of_the_read():
     """torch.autograd.gradcheck of one routed read w.r.t. sources and query (float64)."""
     from dar_core.backends.torch.routing import History
-
     from dar_core.routing import source_slices
 
     r = RoutingConfig(chunk_size=2)

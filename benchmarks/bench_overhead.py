@@ -1,0 +1,108 @@
+"""DAR's training-step and sampling-step overhead over the residual baseline, per backend.
+
+    python -m benchmarks.bench_overhead [--backends torch,jax,mlx] [--reps 10] [--quick]
+
+For each installed backend and each preset (``tiny`` batch 64; ``SiT-S/2`` on 32x32x4 latents,
+batch 8), residual and DAR (static, static_t, dynamic x chunk 1, 4, 8) steps run interleaved
+in one process; medians and ratios to residual are reported. Peak memory is the growth of the
+peak resident memory of a fresh process over 2 training steps (``mem_probe``).
+Writes ``benchmarks/results/overhead.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+
+from benchmarks.common import interleaved, machine, md_table, peak_rss_mb, write
+from dar_core.config import RoutingConfig, model_config
+
+PRESETS = {
+    "tiny": dict(name="tiny", batch=64, overrides=dict(input_size=16, in_channels=3,
+                                                     num_classes=10)),
+    "SiT-S/2": dict(name="SiT-S/2", batch=8, overrides=dict(input_size=32, in_channels=4,
+                                                           num_classes=1000)),
+}
+TARGETS = {"static_t c4": 1.05, "static_t c1": 1.15, "dynamic c4": 1.20}
+MEMORY_TARGET = 1.15
+
+
+def variants(quick: bool) -> dict[str, RoutingConfig]:
+    out = {"residual": RoutingConfig(mode="residual")}
+    queries = ("static_t", "dynamic") if quick else ("static", "static_t", "dynamic")
+    chunks = (1, 4) if quick else (1, 4, 8)
+    for q in queries:
+        for s in chunks:
+            out[f"{q} c{s}"] = RoutingConfig(query=q, chunk_size=s)
+    return out
+
+
+def installed(names: list[str]) -> list[str]:
+    mods = {"torch": "torch", "jax": "jax", "mlx": "mlx"}
+    return [n for n in names if importlib.util.find_spec(mods[n]) is not None
+            and importlib.util.find_spec(f"benchmarks.{n}_cases") is not None]
+
+
+def run_backend(name: str, reps: int, quick: bool, memory: bool) -> list[dict]:
+    cases = importlib.import_module(f"benchmarks.{name}_cases")
+    rows = []
+    for preset, spec in PRESETS.items():
+        cfgs = {k: model_config(spec["name"], routing=r, **spec["overrides"])
+                for k, r in variants(quick).items()}
+        train = interleaved({k: cases.train_step(c, spec["batch"]) for k, c in cfgs.items()},
+                            reps)
+        infer = interleaved({k: cases.sample_step(c, spec["batch"]) for k, c in cfgs.items()},
+                            reps)
+        mem = {}
+        if memory:
+            for k, c in cfgs.items():
+                args = ["-m", "benchmarks.mem_probe", name, c.to_json(), str(spec["batch"])]
+                mem[k] = peak_rss_mb(args + ["2"]) - peak_rss_mb(args + ["0"])
+        for k in cfgs:
+            rows.append({
+                "backend": name, "preset": preset, "batch": spec["batch"], "variant": k,
+                "train_ms": 1e3 * train[k], "train_ratio": train[k] / train["residual"],
+                "img_per_s": spec["batch"] / train[k],
+                "sample_ms": 1e3 * infer[k], "sample_ratio": infer[k] / infer["residual"],
+                "mem_mb": mem.get(k), "mem_ratio": (mem[k] / mem["residual"]) if mem else None,
+            })
+        print(f"{name} {preset}: " + ", ".join(
+            f"{r['variant']} x{r['train_ratio']:.2f}" for r in rows if r["preset"] == preset))
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    def f(v, fmt):
+        return "–" if v is None else format(v, fmt)
+
+    body = [[r["backend"], r["preset"], r["variant"], f(r["train_ms"], ".1f"),
+             f(r["train_ratio"], ".3f") + (" ✗" if r["variant"] in TARGETS
+                                           and r["train_ratio"] > TARGETS[r["variant"]] else ""),
+             f(r["img_per_s"], ".0f"), f(r["sample_ms"], ".1f"), f(r["sample_ratio"], ".3f"),
+             f(r["mem_mb"], ".0f"), f(r["mem_ratio"], ".2f")] for r in rows]
+    return md_table(["backend", "preset", "routing", "train step ms", "× residual", "img/s",
+                     "sample step ms", "× residual", "Δ peak RSS MB", "× residual"], body)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--backends", default="torch,jax,mlx")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--quick", action="store_true", help="fewer variants")
+    ap.add_argument("--no-memory", action="store_true")
+    args = ap.parse_args()
+    rows = []
+    for name in installed(args.backends.split(",")):
+        rows += run_backend(name, args.reps, args.quick, not args.no_memory)
+    targets = ", ".join(f"{k} ≤ {v}×" for k, v in TARGETS.items())
+    md = (f"# DAR overhead over residual (medians of {args.reps} interleaved reps)\n\n"
+          f"Machine: {machine()}\n\nTargets: {targets}; peak memory ≤ {MEMORY_TARGET}× "
+          "(✗ marks a missed step-time target).\n\n" + table(rows))
+    j, m = write("overhead", {"machine": machine(), "reps": args.reps, "rows": rows}, md)
+    print(md)
+    print(f"wrote {j} and {m}")
+
+
+if __name__ == "__main__":
+    main()

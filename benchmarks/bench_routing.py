@@ -1,0 +1,50 @@
+"""Routing micro-benchmark: one aggregator over N sources, forward + backward, optimized vs
+the naive four-pass form (``dar_core.routing.route`` on re-stacked sources), per backend.
+
+    python -m benchmarks.bench_routing [--backends torch,jax,mlx] [--reps 20]
+
+Writes ``benchmarks/results/routing.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+from benchmarks.bench_overhead import installed
+from benchmarks.common import interleaved, machine, md_table, write
+from dar_core.testing import rel_err
+
+SHAPES = [  # (sources N, batch, tokens, width)
+    (5, 8, 64, 64), (17, 8, 64, 64), (57, 2, 64, 128), (17, 4, 256, 384)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--backends", default="torch,jax,mlx")
+    ap.add_argument("--reps", type=int, default=20)
+    args = ap.parse_args()
+    rows = []
+    for name in installed(args.backends.split(",")):
+        cases = importlib.import_module(f"benchmarks.{name}_cases")
+        for n, b, t, d in SHAPES:
+            opt = cases.routing_case(n, b, t, d, "optimized")
+            naive = cases.routing_case(n, b, t, d, "naive")
+            err = rel_err(cases.to_numpy(opt()), cases.to_numpy(naive()))
+            med = interleaved({"optimized": opt, "naive": naive}, args.reps)
+            rows.append({"backend": name, "N": n, "B": b, "T": t, "d": d,
+                         "optimized_ms": 1e3 * med["optimized"], "naive_ms": 1e3 * med["naive"],
+                         "speedup": med["naive"] / med["optimized"], "rel_err": err})
+            print(rows[-1])
+    body = [[r["backend"], r["N"], f"{r['B']}×{r['T']}×{r['d']}", f"{r['optimized_ms']:.2f}",
+             f"{r['naive_ms']:.2f}", f"{r['speedup']:.2f}", f"{r['rel_err']:.1e}"] for r in rows]
+    md = ("# Routing micro-benchmark (one aggregator, forward + backward)\n\n"
+          f"Machine: {machine()}\n\n" + md_table(
+              ["backend", "sources", "B×T×d", "optimized ms", "naive ms", "speedup",
+               "max rel. diff"], body))
+    write("routing", {"machine": machine(), "rows": rows}, md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Timing and reporting shared by the benchmarks: interleaved repetitions, medians, ratios
+measured side by side in one process, peak memory of a fresh process, the machine described."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def interleaved(cases: dict[str, Callable[[], None]], reps: int, warmup: int = 2
+                ) -> dict[str, float]:
+    """Median seconds per call of each case; cases alternate within every repetition so that
+    machine-load drift hits all of them alike."""
+    for _ in range(warmup):
+        for fn in cases.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(reps):
+        for k, fn in cases.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def peak_rss_mb(argv: list[str]) -> float:
+    """Peak resident memory (MB) of a fresh Python process running ``argv`` (it prints the
+    value of ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` as its last line)."""
+    out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    return float(out.stdout.strip().splitlines()[-1]) / 1024.0
+
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(),
+            "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        if names:
+            info["cpu_model"] = names[0]
+        load = os.getloadavg()
+        info["load_average_1m"] = round(load[0], 2)
+    except OSError:
+        pass
+    return info
+
+
+def write(name: str, payload: dict, table: str) -> tuple[Path, Path]:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    j, m = RESULTS / f"{name}.json", RESULTS / f"{name}.md"
+    j.write_text(json.dumps(payload, indent=1))
+    m.write_text(table)
+    return j, m
+
+
+def md_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
