@@ -14,8 +14,8 @@ import argparse
 import dataclasses
 
 import torch
-from dar_core.backends.torch import train
 
+from dar_core.backends.torch import train
 from dar_core.sampling import sample_checkpoint
 from dar_core.training import TrainConfig, env_rank_world
 
