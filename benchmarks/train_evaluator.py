@@ -20,7 +20,9 @@ Choices, and why:
   make the features blind to the very defects the Fréchet distance is meant to see.
 * **Deterministic.** Fixed torch seed, deterministic algorithms, one intra-op thread by
   default (reductions split across threads may round differently), and data addressed by
-  step. The same command writes the same file.
+  step. The same command writes the same tensors and the same metadata (so the metadata
+  holds no timings; the training time is printed). The bytes can still differ: safetensors
+  does not fix the order of the metadata keys in the header.
 * **Checked before writing.** The held-out accuracy of the *NumPy* evaluator built from the
   exported tensors must reach ``--min-accuracy`` and its outputs must match the torch model
   (max relative error < 1e-4); otherwise nothing is written.
@@ -224,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": str(args.batch_size),
         "lr": repr(args.lr),
         "weight_decay": repr(args.weight_decay),
-        "train_seconds": f"{train_seconds:.1f}",
+        "num_parameters": str(sum(v.size for v in params.values())),
         "torch_version": torch.__version__,
         "heldout": json.dumps({"n": HELDOUT_N, "split": "ProceduralDataset.heldout",
                                "accuracy": acc}, sort_keys=True),
