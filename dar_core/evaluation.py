@@ -9,10 +9,11 @@ steps and the same guidance, so the difference between their scores is the diffe
 the models, not between draws.
 
 Labels are every class in turn (``0, 1, ..., K-1, 0, 1, ...``), so any prefix is balanced. The
-noise is ``default_rng(seed).standard_normal((N, C, H, W), float32)``, the convention of
-:func:`dar_core.sampling.sample_checkpoint`, which does the sampling (any backend, any sampler;
-the SDE sampler continues the same generator). The returned ``protocol_id`` hashes labels and
-noise, so a table of results can check it compares like with like.
+noise is ``default_rng(seed).standard_normal((N, C, H, W), float32)``, handed explicitly to
+:func:`dar_core.sampling.sample_checkpoint`, which does the sampling in chunks of 256 (any
+backend, any sampler; the SDE sampler continues the same generator). The returned
+``protocol_id`` hashes labels and noise, so a table of results can check it compares like with
+like.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def sample_protocol(
     images, y = sample_checkpoint(str(checkpoint), backend=backend, sampler=sampler,
                                   steps=steps, cfg_scale=cfg_scale, labels=labels.tolist(),
                                   weights=weights, seed=seed, precision=precision,
-                                  device=device)
+                                  device=device, noise=noise, batch_size=256)
     if not np.array_equal(np.asarray(y), labels):
         raise AssertionError("sample_checkpoint returned labels other than the protocol's")
     protocol = {

@@ -25,9 +25,13 @@ def sample_checkpoint(
     precision: str = "fp32",
     device: str = "auto",
     png: str | None = None,
+    noise: np.ndarray | None = None,
+    batch_size: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Images ``[N, C, H, W]`` (NumPy) and their labels. Noise and SDE noise come from NumPy
-    seeded by ``seed``; labels default to every class ``per_class`` times."""
+    """Images ``[N, C, H, W]`` (NumPy) and their labels. Labels default to every class
+    ``per_class`` times. The initial noise is ``noise`` when given, else drawn from
+    ``default_rng(seed)``; the SDE's noise continues that generator. ``batch_size`` splits the
+    work into chunks of that many samples (each chunk continues the same generator)."""
     ckpt = load_checkpoint(checkpoint)
     cfg = ckpt.config
     if labels is None:
@@ -41,14 +45,27 @@ def sample_checkpoint(
                               f"({cfg.num_classes} = unconditional)")
         nrow = min(len(y), 8)
     rng = np.random.default_rng(seed)
-    noise = rng.standard_normal((len(y), cfg.in_channels, cfg.input_size, cfg.input_size),
-                                dtype=np.float32)
+    shape = (len(y), cfg.in_channels, cfg.input_size, cfg.input_size)
+    drawn = rng.standard_normal(shape, dtype=np.float32)
+    if noise is not None:
+        noise = np.asarray(noise, dtype=np.float32)
+        if noise.shape != shape:
+            raise ConfigError(f"noise must have shape {list(shape)}, got {list(noise.shape)}")
+    else:
+        noise = drawn
+    if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     vm = load_backend(backend).velocity_model(cfg, ckpt.weights(weights), precision=precision,
                                               device=device)
-    out = sample(vm.velocity, vm.asarray(noise), vm.asarray(y.astype(np.int64)), sampler=sampler,
-                 steps=steps, cfg_scale=cfg_scale, null_class=cfg.null_class,
-                 guidance_interval=guidance_interval, rng=rng, asarray=vm.asarray)
-    images = vm.to_numpy(out).astype(np.float32)
+    chunks = []
+    step = batch_size or len(y)
+    for i in range(0, len(y), step):
+        out = sample(vm.velocity, vm.asarray(noise[i:i + step]),
+                     vm.asarray(y[i:i + step].astype(np.int64)), sampler=sampler, steps=steps,
+                     cfg_scale=cfg_scale, null_class=cfg.null_class,
+                     guidance_interval=guidance_interval, rng=rng, asarray=vm.asarray)
+        chunks.append(vm.to_numpy(out).astype(np.float32))
+    images = np.concatenate(chunks)
     if png:
         from dar_core.images import save_image_grid
 
