@@ -369,3 +369,19 @@ def test_evaluate_checkpoint_rejects_non_procedural_models(tmp_path):
     ck = save_checkpoint(tmp_path / "c.safetensors", cfg, init_params(cfg))
     with pytest.raises(ConfigError, match="input_size=8"):
         evaluate_checkpoint(ck, backend="torch")
+
+
+def test_dar_eval_cli(tmp_path):
+    pytest.importorskip("torch")
+    import json
+
+    from dar_core.cli import main
+    from dar_core.schema import init_params
+
+    cfg = model_config("micro", input_size=16)
+    ck = save_checkpoint(tmp_path / "c.safetensors", cfg, init_params(cfg), meta={"step": 0})
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(ck), "--backend", "torch", "--n-per-class", "3",
+                 "--steps", "2", "--out", str(out)]) == 0
+    (r,) = json.loads(out.read_text())
+    assert r["n_per_class"] == 3 and r["steps"] == 2 and r["fd"] > r["fd_real_floor"]
