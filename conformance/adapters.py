@@ -114,7 +114,66 @@ class TorchAdapter:
         return self.bt.train(tc)
 
 
-ADAPTERS: dict[str, Any] = {"torch": TorchAdapter}
+class MlxAdapter:
+    name = "mlx"
+    dtypes = ("float32", "bfloat16")
+
+    def __init__(self) -> None:
+        import importlib
+
+        import mlx.core as mx
+        import mlx.nn as nn
+        from mlx.utils import tree_flatten
+
+        from dar_core.backends import mlx as bm
+        from dar_core.backends.mlx import routing as mr
+
+        mt = importlib.import_module("dar_core.backends.mlx.train")  # not the train function
+
+        self.mx, self.nn, self.flatten, self.bm, self.mr, self.mt = mx, nn, tree_flatten, bm, mr, mt
+
+    def _model(self, cfg, params, dtype):
+        mx = self.mx
+        return self.bm.DARTransformer(cfg, dtype=mx.bfloat16 if dtype == "bfloat16"
+                                      else mx.float32).load_params(
+            {k: np.asarray(v, np.float32) for k, v in params.items()})
+
+    def forward(self, cfg, params, x, t, y, dtype="float32"):
+        out = self._model(cfg, params, dtype)(x.astype(np.float32), t.astype(np.float32), y)
+        return np.array(out.astype(self.mx.float32))
+
+    def loss_and_grads(self, cfg, params, batch, dtype="float32"):
+        mx = self.mx
+        model = self._model(cfg, params, dtype)
+        x, noise, t = (mx.array(batch[k].astype(np.float32)) for k in ("x", "noise", "t"))
+        loss, grads = self.nn.value_and_grad(model, self.mt.loss_fn)(
+            model, x, t, mx.array(batch["y"].astype(np.int32)), noise)
+        flat = dict(self.flatten(grads))
+        return loss.item(), {k: np.array(v.astype(mx.float32), np.float64)
+                             for k, v in flat.items()}
+
+    def route(self, v, q, w, g, dtype="float32"):
+        mx = self.mx
+        vs = [mx.array(a.astype(np.float32)) for a in v]
+        qq, ww, gg = (mx.array(a.astype(np.float32)) for a in (q, w, g))
+
+        def f(vs, qq, ww):
+            h, _ = self.mr.route(vs, qq, ww)
+            return mx.sum(h * gg)
+
+        (dv, dq, dw) = mx.grad(f, argnums=(0, 1, 2))(vs, qq, ww)
+        h, alpha = self.mr.route(vs, qq, ww)  # alpha: [B, T, N]
+        return (np.array(h), np.moveaxis(np.array(alpha), -1, 0), np.stack([np.array(a)
+                for a in dv]), np.array(dq), np.array(dw))
+
+    def velocity_model(self, cfg, weights):
+        return self.bm.velocity_model(cfg, weights, device="cpu")
+
+    def train(self, tc):
+        return self.bm.train(tc)
+
+
+ADAPTERS: dict[str, Any] = {"torch": TorchAdapter, "mlx": MlxAdapter}
 
 
 def load(name: str):
