@@ -1,0 +1,178 @@
+"""The MLX training loop: one compiled step, AdamW with bias correction, EMA, data parallel.
+
+Launch on one machine with ``dar train --backend mlx`` or, data parallel, with MLX's launcher
+(``mlx.launch -n 2 --backend ring python -m dar_core.cli train --backend mlx ...``): every rank
+takes its slice of the global batch from ``run.stream.batch(step, rank, world)`` and the
+gradients are averaged with ``nn.average_gradients`` before clipping, so all ranks apply the
+same update. All randomness comes from the stream; the step uses no MLX RNG.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_reduce
+
+from dar_core.errors import CheckpointError
+from dar_core.interpolant import interpolate, velocity_target
+from dar_core.schema import trainable_names
+from dar_core.training import Run, TrainConfig
+
+from .device import compute_dtype, set_device
+from .model import DARTransformer
+from .velocity import model_velocity
+
+
+def loss_fn(model: DARTransformer, x: mx.array, t: mx.array, y: mx.array,
+            noise: mx.array) -> mx.array:
+    """Mean squared error between the predicted and the true velocity ``x - noise``."""
+    x_t = interpolate(x, noise, t)  # [B, C, H, W]
+    err = model.forward(x_t, t, y) - velocity_target(x, noise)  # [B, C, H, W] float32
+    return mx.mean(mx.square(err))
+
+
+def make_optimizer(tc: TrainConfig) -> optim.AdamW:
+    """AdamW with bias correction (MLX's default is without) and a constant learning rate."""
+    return optim.AdamW(learning_rate=tc.lr, betas=[tc.beta1, tc.beta2], eps=tc.adam_eps,
+                       weight_decay=tc.weight_decay, bias_correction=True)
+
+
+def global_norm(grads: Any) -> mx.array:
+    return mx.sqrt(tree_reduce(lambda acc, g: acc + mx.sum(mx.square(g)), grads, 0.0))
+
+
+class TrainStep:
+    """One optimizer step over the state ``[model, optimizer, ema, random]``.
+
+    ``__call__(x, t, y, noise) -> (loss, grad_norm)`` (global-batch mean loss, pre-clip norm)
+    updates the state in place. With ``compile`` the step is traced once by ``mx.compile``
+    with the state as its inputs and outputs; ``traces`` counts how often the Python body ran
+    (once per input shape when compiled, every call when not).
+    """
+
+    def __init__(self, model: DARTransformer, optimizer: optim.Optimizer,
+                 ema: dict[str, mx.array], *, grad_clip: float, ema_decay: float,
+                 group: Any = None, compile: bool = True):
+        self.model, self.optimizer, self.ema = model, optimizer, ema
+        self.world = group.size() if group is not None else 1
+        self.group = group
+        self.grad_clip, self.decay = float(grad_clip), float(ema_decay)
+        self.traces = 0
+        self.state = [model.state, optimizer.state, ema, mx.random.state]
+        loss_and_grad = nn.value_and_grad(model, loss_fn)
+
+        def step(x: mx.array, t: mx.array, y: mx.array, noise: mx.array):
+            self.traces += 1
+            loss, grads = loss_and_grad(model, x, t, y, noise)
+            if self.world > 1:
+                grads = nn.average_gradients(grads, group=self.group)
+                loss = mx.distributed.all_sum(loss, group=self.group) / self.world
+            if self.grad_clip > 0:
+                grads, norm = optim.clip_grad_norm(grads, self.grad_clip)
+            else:
+                norm = global_norm(grads)
+            optimizer.update(model, grads)
+            d = self.decay
+            for name, p in tree_flatten(model.trainable_parameters()):
+                ema[name] = d * ema[name] + (1.0 - d) * p
+            return loss, norm
+
+        self._step = partial(mx.compile, inputs=self.state, outputs=self.state)(step) \
+            if compile else step
+
+    def __call__(self, x: mx.array, t: mx.array, y: mx.array,
+                 noise: mx.array) -> tuple[mx.array, mx.array]:
+        """Schedule one step; returns at once (``loss.item()`` waits for it)."""
+        loss, norm = self._step(x, t, y, noise)
+        # Materialize the whole new state every step, so the lazy graph never spans steps.
+        mx.async_eval(loss, norm, self.state)
+        return loss, norm
+
+
+# Checkpoint state <-> MLX ------------------------------------------------------------------
+def _lookup(tree: Any, name: str) -> Any:
+    """``tree["blocks"][0]["attn"]...`` for the dotted ``name``."""
+    for part in name.split("."):
+        tree = tree[int(part)] if isinstance(tree, list) else tree[part]
+    return tree
+
+
+def opt_to_numpy(optimizer: optim.Optimizer, names: list[str]) -> dict[str, np.ndarray]:
+    """AdamW moments in the shared checkpoint layout ``m/<name>``, ``v/<name>``, ``step``."""
+    out: dict[str, np.ndarray] = {}
+    for n in names:
+        s = _lookup(optimizer.state, n)
+        out[f"m/{n}"], out[f"v/{n}"] = np.array(s["m"]), np.array(s["v"])
+    out["step"] = np.array(int(optimizer.state["step"].item()), dtype=np.int64)
+    return out
+
+
+def opt_from_numpy(optimizer: optim.Optimizer, opt: dict[str, np.ndarray],
+                   names: list[str]) -> None:
+    """Restore moments and step into an initialized optimizer; name the first missing key."""
+    for key in ["step"] + [f"{k}/{n}" for n in names for k in ("m", "v")]:
+        if key not in opt:
+            raise CheckpointError(f"checkpoint has no optimizer state 'opt/{key}'; it cannot "
+                                  "resume training (start a fresh run or load weights only)")
+    for n in names:
+        s = _lookup(optimizer.state, n)
+        s["m"], s["v"] = mx.array(opt[f"m/{n}"]), mx.array(opt[f"v/{n}"])
+    optimizer.state["step"] = mx.array(int(opt["step"]), dtype=mx.uint64)
+
+
+def ema_to_numpy(ema: dict[str, mx.array], model: DARTransformer) -> dict[str, np.ndarray]:
+    """EMA weights under every schema name (the fixed ``pos_embed`` copied from the model)."""
+    out = {k: np.array(v) for k, v in ema.items()}
+    out["pos_embed"] = np.array(model.pos_embed)
+    return out
+
+
+# The loop --------------------------------------------------------------------------------
+def train(tc: TrainConfig) -> Path:
+    """Train (or resume, ``tc.resume``) a DARTransformer; returns the run folder."""
+    set_device(tc.device)
+    group = mx.distributed.init()  # a one-process group unless started by mlx.launch
+    rank, world = group.rank(), group.size()
+    run = Run(tc, backend="mlx", rank=rank, world=world)
+    cfg, dtype = run.cfg, compute_dtype(tc.precision)
+    names = trainable_names(cfg)
+    ckpt = run.resume_checkpoint()
+
+    model = DARTransformer(cfg, seed=tc.seed, dtype=dtype, grad_checkpoint=tc.grad_checkpoint)
+    optimizer = make_optimizer(tc)
+    optimizer.init(model.trainable_parameters())
+    if ckpt is not None:
+        model.load_params(ckpt.params)
+        opt_from_numpy(optimizer, ckpt.opt, names)
+    source = ckpt.ema if ckpt is not None and ckpt.ema is not None else model.params_numpy()
+    ema = {n: mx.array(np.asarray(source[n], dtype=np.float32)) for n in names}
+    step_fn = TrainStep(model, optimizer, ema, grad_clip=tc.grad_clip, ema_decay=tc.ema_decay,
+                        group=group, compile=tc.compile)
+    sampler_model = DARTransformer(cfg, dtype=dtype) if run.is_main else None
+    sampler = model_velocity(sampler_model) if sampler_model is not None else None
+
+    def device_batch(step: int) -> tuple[mx.array, ...]:
+        b = run.stream.batch(step, rank, world)  # this rank's slice of the global batch
+        return (mx.array(b["x"]), mx.array(b["t"]), mx.array(b["y"].astype(np.int32)),
+                mx.array(b["noise"]))
+
+    batch = device_batch(run.start_step) if run.start_step < tc.steps else None
+    for step in run.steps():
+        loss, norm = step_fn(*batch)
+        if step + 1 < tc.steps:
+            batch = device_batch(step + 1)  # drawn on the host while the step runs
+        run.log(step, loss.item(), norm.item())
+        if run.should_checkpoint(step) and run.is_main:
+            run.save(run.done(step), params=model.params_numpy(),
+                     ema=ema_to_numpy(ema, model), opt=opt_to_numpy(optimizer, names))
+        if run.should_sample(step) and sampler is not None:
+            sampler_model.load_params({**ema, "pos_embed": model.pos_embed})
+            run.sample_grid(step, sampler.velocity, sampler.asarray, sampler.to_numpy)
+    run.finish()
+    return run.dir
