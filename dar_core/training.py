@@ -353,7 +353,9 @@ class Run:
 
 def env_rank_world() -> tuple[int, int]:
     """Rank and world size from the usual launcher variables (torchrun, mlx.launch)."""
-    for r, w in (("RANK", "WORLD_SIZE"), ("MLX_RANK", "MLX_WORLD_SIZE")):
-        if r in os.environ and w in os.environ:
-            return int(os.environ[r]), int(os.environ[w])
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if "MLX_RANK" in os.environ and "MLX_HOSTFILE" in os.environ:  # mlx.launch (ring)
+        with open(os.environ["MLX_HOSTFILE"]) as f:
+            return int(os.environ["MLX_RANK"]), len(json.load(f))  # one entry per rank
     return 0, 1

@@ -71,3 +71,19 @@ def test_cli_train_flags_mirror_train_config():
                                       "--no-final-aggregator", "--chunk-size", "8"])
     assert args.backend == "jax" and args.lr == 3e-4
     assert args.final_aggregator is False and args.chunk_size == 8
+
+
+def test_rank_and_world_from_launchers(tmp_path, monkeypatch):
+    from dar_core.training import env_rank_world
+
+    for k in ("RANK", "WORLD_SIZE", "MLX_RANK", "MLX_HOSTFILE"):
+        monkeypatch.delenv(k, raising=False)
+    assert env_rank_world() == (0, 1)
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps([["127.0.0.1:5000"], ["127.0.0.1:5001"], ["127.0.0.1:5002"]]))
+    monkeypatch.setenv("MLX_RANK", "2")
+    monkeypatch.setenv("MLX_HOSTFILE", str(hosts))
+    assert env_rank_world() == (2, 3)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert env_rank_world() == (1, 4)
