@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from conformance.adapters import trainable
 from conformance.conftest import record
 from conformance.plain_dit import dit_forward
-from conformance.strategies import batches, model_configs, param_seeds
+from conformance.strategies import batches, model_configs, param_scales, param_seeds
 from conformance.tolerances import tol
 from dar_core.config import RoutingConfig, model_config
 from dar_core.reference import forward
@@ -21,7 +21,7 @@ from dar_core.testing import cosine, rel_err
 def test_forward_matches_reference(adapter, data):
     cfg = data.draw(model_configs(), label="config")
     note(f"config: {cfg}")
-    p = random_params(cfg, data.draw(param_seeds))
+    p = random_params(cfg, data.draw(param_seeds), scale=data.draw(param_scales))
     b = data.draw(batches(cfg))
     ref = forward(p, cfg, b["x"], b["t"], b["y"])
     out = adapter.forward(cfg, p, b["x"], b["t"], b["y"], "float32")
@@ -34,7 +34,7 @@ def test_forward_agrees_pairwise(adapters_pair, data):
     a, b_ = adapters_pair
     cfg = data.draw(model_configs(), label="config")
     note(f"config: {cfg}")
-    p = random_params(cfg, data.draw(param_seeds))
+    p = random_params(cfg, data.draw(param_seeds), scale=data.draw(param_scales))
     b = data.draw(batches(cfg))
     out_a = a.forward(cfg, p, b["x"], b["t"], b["y"], "float32")
     out_b = b_.forward(cfg, p, b["x"], b["t"], b["y"], "float32")
