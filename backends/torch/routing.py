@@ -68,14 +68,14 @@ def _reduce_to(g: Tensor, q: Tensor) -> Tensor:
 
 class _Write(Function):
     @staticmethod
-    def forward(ctx: Any, v: Tensor, prev: Tensor | None, hist: History, l: int) -> Tensor:
-        hist.store(v, l)
-        ctx.hist, ctx.l = hist, l
-        return hist.buf.new_zeros(())
+    def forward(ctx: Any, v: Tensor, prev: Tensor | None, store: Storage, l: int) -> Tensor:
+        store.write(v, l)
+        ctx.store, ctx.l = store, l
+        return store.buf.new_zeros(())
 
     @staticmethod
     def backward(ctx: Any, _token_grad: Tensor) -> tuple[Tensor | None, None, None, None]:
-        grad = ctx.hist.grad
+        grad = ctx.store.grad
         if grad is None:
             return None, None, None, None
         g = grad[ctx.l].clone()
@@ -85,16 +85,16 @@ class _Write(Function):
 
 class _Read(Function):
     @staticmethod
-    def forward(ctx: Any, q: Tensor, hist: History, slices: tuple, *tokens: Tensor):
-        pieces = [hist.buf[s] for s in slices]  # views, each [n_k, B, T, d]
-        rstd = _cat([hist.rstd[s] for s in slices])  # [N, B, T]
+    def forward(ctx: Any, q: Tensor, store: Storage, slices: tuple, *tokens: Tensor):
+        pieces = [store.buf[s] for s in slices]  # views, each [n_k, B, T, d]
+        rstd = _cat([store.rstd[s] for s in slices])  # [N, B, T]
         dots = _cat([_dots(v, q) for v in pieces])  # [N, B, T]
         alpha = torch.softmax(rstd * dots, dim=0)  # [N, B, T]
         h = torch.einsum("nbt,nbtd->btd", alpha[: pieces[0].shape[0]], pieces[0])  # [B, T, d]
         if len(pieces) == 2:
             h = h + torch.einsum("nbt,nbtd->btd", alpha[pieces[0].shape[0]:], pieces[1])
         ctx.save_for_backward(q, alpha, dots)
-        ctx.hist, ctx.slices = hist, slices
+        ctx.store, ctx.slices = store, slices
         ctx.rstd = rstd  # may be a view of the rstd buffer: its rows are never rewritten
         ctx.mark_non_differentiable(alpha)
         return h, alpha
@@ -102,16 +102,16 @@ class _Read(Function):
     @staticmethod
     def backward(ctx: Any, g: Tensor, _alpha_grad: Tensor):
         q, alpha, dots = ctx.saved_tensors
-        hist, rstd = ctx.hist, ctx.rstd
-        g = g.to(hist.buf.dtype)  # autocast consumers may hand back a bf16 gradient
-        pieces = [hist.buf[s] for s in ctx.slices]
+        store, rstd = ctx.store, ctx.rstd
+        g = g.to(store.buf.dtype)  # autocast consumers may hand back a bf16 gradient
+        pieces = [store.buf[s] for s in ctx.slices]
         d = g.shape[-1]
         dalpha = _cat([torch.einsum("nbtd,btd->nbt", v, g) for v in pieces])  # [N, B, T]
         beta = alpha * (dalpha - (alpha * dalpha).sum(0, keepdim=True))  # dL/dlogit
         br = beta * rstd  # [N, B, T]
         coef_v = beta * dots * rstd**3 / d  # [N, B, T]
         qb = q if q.dim() > 1 else q.view(1, 1, d)
-        grad = hist.grad_buffer()
+        grad = store.grad_buffer()
         dq = torch.zeros(g.shape, dtype=g.dtype, device=g.device)  # [B, T, d]
         start = 0
         for s, v in zip(ctx.slices, pieces):
@@ -123,22 +123,21 @@ class _Read(Function):
         return (_reduce_to(dq, q), None, None) + (None,) * (len(ctx.needs_input_grad) - 3)
 
 
-class History:
-    """The efficient routing state of one forward pass (see the module docstring)."""
+class Storage:
+    """The buffers of one forward pass: history ``[L+1, B, T, d]``, inverse RMS ``[L+1, B, T]``
+    and, in the backward pass, the gradient buffer. The autograd contexts hold this object and
+    nothing that points back into the graph, so the buffers are freed with the graph (a
+    context holding the tokens would form a reference cycle through autograd and leak)."""
 
-    def __init__(self, v0: Tensor, num_sublayers: int, slices: list, eps: float):
+    def __init__(self, v0: Tensor, num_sublayers: int, eps: float):
         B, T, d = v0.shape
-        self.d, self.eps, self.slices = d, eps, slices
         dtype = _acc(v0).dtype
+        self.eps = eps
         self.buf = v0.new_empty((num_sublayers + 1, B, T, d), dtype=dtype)
         self.rstd = v0.new_empty((num_sublayers + 1, B, T), dtype=dtype)
         self.grad: Tensor | None = None
-        self.tokens: list[Tensor] = []
-        self.weights: list[Tensor] = []
-        self.newest = v0  # the autograd-tracked newest output (the dynamic query reads it)
-        self.write(v0)
 
-    def store(self, v: Tensor, l: int) -> None:
+    def write(self, v: Tensor, l: int) -> None:
         with torch.no_grad():
             self.buf[l].copy_(v)
             self.rstd[l] = torch.rsqrt(self.buf[l].square().mean(-1) + self.eps)
@@ -148,20 +147,32 @@ class History:
             self.grad = torch.zeros_like(self.buf)
         return self.grad
 
+
+class History:
+    """The efficient routing state of one forward pass (see the module docstring)."""
+
+    def __init__(self, v0: Tensor, num_sublayers: int, slices: list, eps: float):
+        self.slices = slices
+        self.storage = Storage(v0, num_sublayers, eps)
+        self.tokens: list[Tensor] = []
+        self.weights: list[Tensor] = []
+        self.newest = v0  # the autograd-tracked newest output (the dynamic query reads it)
+        self.write(v0)
+
     def write(self, v: Tensor) -> None:
         l = len(self.tokens)
         self.newest = v
         if torch.is_grad_enabled() and v.requires_grad:
             prev = self.tokens[-1] if self.tokens else None
-            self.tokens.append(_Write.apply(v, prev, self, l))
+            self.tokens.append(_Write.apply(v, prev, self.storage, l))
         else:
-            self.store(v, l)
-            self.tokens.append(self.buf.new_zeros(()))
+            self.storage.write(v, l)
+            self.tokens.append(self.storage.buf.new_zeros(()))
 
     def read(self, k: int, raw_query: Tensor, norm_weight: Tensor) -> Tensor:
         """Input of aggregator ``k`` (0-indexed), ``[B, T, d]`` (at least float32)."""
-        h, alpha = _Read.apply(fold_query(raw_query, norm_weight), self, self.slices[k],
-                               self.tokens[-1])
+        h, alpha = _Read.apply(fold_query(raw_query, norm_weight), self.storage,
+                               self.slices[k], self.tokens[-1])
         self.weights.append(alpha)
         return h
 
