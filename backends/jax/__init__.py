@@ -1,0 +1,8 @@
+"""JAX backend of dar: ``DARTransformer`` (pure functions over a flat parameter dict),
+``train(tc)`` (jitted, data-parallel over a device mesh) and ``velocity_model``."""
+
+from .model import DARTransformer
+from .train import train
+from .velocity import velocity_model
+
+__all__ = ["DARTransformer", "train", "velocity_model"]

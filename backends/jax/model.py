@@ -1,0 +1,203 @@
+"""DARTransformer in JAX: pure functions over a flat ``name -> array`` parameter dict.
+
+The parameter tree IS the canonical core schema (``dar_core.schema.param_shapes``): a core
+checkpoint's ``params`` or ``ema`` dict loads with ``DARTransformer.load`` and nothing else.
+Read top to bottom: patch + timestep + label embedding, then per DiTBlock two sublayers that
+each read the history (``routing.History``), then the FinalLayer. Compute runs in the dtype of
+the parameters (float32, or bfloat16 for ``precision="bf16"``); normalization statistics,
+softmaxes and routing logits are taken in at least float32 (``acc_dtype``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dar_core.config import ModelConfig
+from dar_core.schema import check_params, init_params
+from dar_core.timestep import timestep_embedding, timestep_frequencies
+from dar_core.validate import check_shapes, check_values
+
+from .routing import History
+
+LN_EPS = 1e-6
+_FREQS = timestep_frequencies()  # [128] float64, cast to the accumulation dtype when used
+
+
+def acc_dtype(dtype: jnp.dtype) -> jnp.dtype:
+    """The dtype statistics are taken in: float32 for bfloat16/float32, float64 stays."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def layer_norm(x: jax.Array, eps: float = LN_EPS) -> jax.Array:
+    """LayerNorm over the last axis, no affine parameters, statistics in ``acc_dtype``."""
+    xa = x.astype(acc_dtype(x.dtype))
+    mu = jnp.mean(xa, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xa - mu), axis=-1, keepdims=True)
+    return ((xa - mu) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    """adaLN: ``x * (1 + scale) + shift`` with per-sample ``[B, d]`` shift and scale."""
+    return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+def linear(p: dict, name: str, x: jax.Array) -> jax.Array:
+    return x @ p[f"{name}.weight"].T + p[f"{name}.bias"]
+
+
+def patchify(x: jax.Array, p: int) -> jax.Array:
+    """``[B, C, H, W] -> [B, T, C*p*p]``, tokens row-major, features in (c, i, j) order."""
+    B, C, H, W = x.shape
+    x = x.reshape(B, C, H // p, p, W // p, p)  # [B, C, h, p, w, p]
+    x = x.transpose(0, 2, 4, 1, 3, 5)  # [B, h, w, C, p, p]
+    return x.reshape(B, (H // p) * (W // p), C * p * p)  # [B, T, C*p*p]
+
+
+def unpatchify(x: jax.Array, p: int, c: int) -> jax.Array:
+    """``[B, T, p*p*c] -> [B, c, H, W]`` with per-token features in DiT's (i, j, c) order."""
+    B, T, _ = x.shape
+    g = int(round(T**0.5))
+    x = x.reshape(B, g, g, p, p, c)  # [B, h, w, i, j, c]
+    x = x.transpose(0, 5, 1, 3, 2, 4)  # [B, c, h, i, w, j]
+    return x.reshape(B, c, g * p, g * p)  # [B, c, H, W]
+
+
+def attention(p: dict, name: str, x: jax.Array, heads: int) -> jax.Array:
+    B, T, d = x.shape
+    qkv = linear(p, f"{name}.qkv", x).reshape(B, T, 3, heads, d // heads)  # [B, T, 3, H, hd]
+    q, k, v = qkv.transpose(2, 0, 3, 1, 4)  # each [B, H, T, hd]
+    s = jnp.matmul(q, k.swapaxes(-1, -2), preferred_element_type=acc_dtype(x.dtype))  # [B,H,T,T]
+    a = jax.nn.softmax(s / math.sqrt(d // heads), axis=-1).astype(x.dtype)  # [B, H, T, T]
+    o = (a @ v).transpose(0, 2, 1, 3).reshape(B, T, d)  # [B, T, d]
+    return linear(p, f"{name}.proj", o)  # [B, T, d]
+
+
+def mlp(p: dict, name: str, x: jax.Array) -> jax.Array:
+    hidden = jax.nn.gelu(linear(p, f"{name}.fc1", x), approximate=True)  # [B, T, mlp_hidden]
+    return linear(p, f"{name}.fc2", hidden)  # [B, T, d]
+
+
+def embed(p: dict, cfg: ModelConfig, x: jax.Array, t: jax.Array,
+          y: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``v_0`` ``[B, T, d]``, the timestep embedding ``e(t)`` ``[B, d]`` and the adaLN
+    conditioning ``c = SiLU(e(t) + y_emb)`` ``[B, d]``."""
+    d, dtype = cfg.hidden_size, p["x_embedder.proj.weight"].dtype
+    tokens = patchify(x.astype(dtype), cfg.patch_size)  # [B, T, C*p*p]
+    w_patch = p["x_embedder.proj.weight"].reshape(d, -1)  # [d, C*p*p] (conv k=p, stride p)
+    v0 = tokens @ w_patch.T + p["x_embedder.proj.bias"] + p["pos_embed"]  # [B, T, d]
+    acc = acc_dtype(dtype)
+    t_freq = timestep_embedding(t.astype(acc), freqs=jnp.asarray(_FREQS, acc))  # [B, 256]
+    t_hidden = jax.nn.silu(linear(p, "t_embedder.mlp.0", t_freq.astype(dtype)))  # [B, d]
+    t_emb = linear(p, "t_embedder.mlp.2", t_hidden)  # [B, d]
+    y_emb = p["y_embedder.embedding_table.weight"][y]  # [B, d]
+    return v0, t_emb, jax.nn.silu(t_emb + y_emb)  # c: [B, d]
+
+
+# Rematerialized sublayers (``grad_checkpoint``): activations inside attention / MLP are
+# recomputed in the backward pass instead of stored.
+_attention_remat = jax.checkpoint(attention, static_argnums=(1, 3))
+_mlp_remat = jax.checkpoint(mlp, static_argnums=(1,))
+
+
+def dit_block(p: dict, cfg: ModelConfig, i: int, c: jax.Array, history: History,
+              remat: bool = False) -> None:
+    """Block ``i``: sublayers ``2i+1`` (attention) and ``2i+2`` (MLP). Each reads its input
+    from the history and appends its gated output ``v_l`` to it."""
+    attn_fn, mlp_fn = (_attention_remat, _mlp_remat) if remat else (attention, mlp)
+    b = f"blocks.{i}"
+    mod = jnp.split(linear(p, f"{b}.adaLN_modulation.1", c), 6, axis=-1)  # 6 x [B, d]
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+    h = history.read(2 * i)  # [B, T, d]
+    h = modulate(layer_norm(h), shift_msa, scale_msa)  # [B, T, d]
+    history.write(gate_msa[:, None, :] * attn_fn(p, f"{b}.attn", h, cfg.num_heads))
+    h = history.read(2 * i + 1)  # [B, T, d]
+    h = modulate(layer_norm(h), shift_mlp, scale_mlp)  # [B, T, d]
+    history.write(gate_mlp[:, None, :] * mlp_fn(p, f"{b}.mlp", h))
+
+
+def final_layer(p: dict, cfg: ModelConfig, h: jax.Array, c: jax.Array) -> jax.Array:
+    shift, scale = jnp.split(linear(p, "final_layer.adaLN_modulation.1", c), 2, axis=-1)
+    h = modulate(layer_norm(h), shift, scale)  # [B, T, d]
+    out = linear(p, "final_layer.linear", h)  # [B, T, p*p*C]
+    return unpatchify(out, cfg.patch_size, cfg.out_channels)  # [B, C, H, W]
+
+
+def forward(p: dict, cfg: ModelConfig, x: jax.Array, t: jax.Array, y: jax.Array,
+            history_cls: type = History, remat: bool = False) -> jax.Array:
+    """Velocity ``[B, C, H, W]`` (float32, or float64 for float64 parameters). Pure and
+    jit-able: no validation here.
+
+    ``history_cls`` is the routing implementation (tests pass a naive one with the same
+    ``read``/``write`` interface); ``remat`` recomputes sublayer internals in the backward."""
+    v0, t_emb, c = embed(p, cfg, x, t, y)  # [B, T, d], [B, d], [B, d]
+    history = history_cls(cfg, p, v0, t_emb)
+    for i in range(cfg.depth):
+        dit_block(p, cfg, i, c, history, remat)
+    h = history.read(cfg.num_sublayers)  # final aggregator: [B, T, d]
+    return final_layer(p, cfg, h, c).astype(acc_dtype(v0.dtype))  # [B, C, H, W]
+
+
+# One jitted forward for every model: compiled once per (config, shapes, dtypes), so a new
+# DARTransformer or velocity_model of a config already seen (e.g. each sample grid during
+# training) reuses the executable.
+forward_jit = jax.jit(forward, static_argnums=(1,))
+
+
+def cast(params: dict, dtype: jnp.dtype) -> dict:
+    """Every floating parameter in ``dtype`` (e.g. bfloat16 compute copies)."""
+    return {k: v.astype(dtype) for k, v in params.items()}
+
+
+class DARTransformer:
+    """The model of a ``ModelConfig``; parameters live outside, in a flat dict pytree.
+
+    - ``init(seed)``: DiT/DAR initialization from the core, as ``jnp`` float32 arrays;
+    - ``load(weights)``: a checkpoint's ``params``/``ema`` dict, checked against the schema;
+    - ``apply(params, x, t, y)``: the pure forward, for use inside ``jax.jit``/``grad``;
+    - ``__call__(params, x, t, y)``: validates shapes, values and parameter names at the
+      boundary (host-side), then runs the jitted forward (``forward_jit``).
+    """
+
+    def __init__(self, config: ModelConfig):
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"config must be a dar_core ModelConfig, got {type(config).__name__}")
+        self.config = config
+
+    def init(self, seed: int = 0) -> dict[str, jax.Array]:
+        return {k: jnp.asarray(v) for k, v in init_params(self.config, seed).items()}
+
+    def load(self, weights: dict, dtype: jnp.dtype = jnp.float32) -> dict[str, jax.Array]:
+        check_params(self.config, weights, where="weights")
+        return {k: jnp.asarray(np.asarray(v, dtype=np.float32), dtype=dtype)
+                for k, v in weights.items()}
+
+    def apply(self, params: dict, x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
+        return forward(params, self.config, x, t, y)
+
+    def __call__(self, params: dict, x, t, y) -> jax.Array:
+        check_params(self.config, params, where="params")
+        x, t, y = jnp.asarray(x), jnp.asarray(t), jnp.asarray(y)
+        validate(self.config, x, t, y)
+        return forward_jit(params, self.config, x, t, y)
+
+    def __repr__(self) -> str:
+        return f"DARTransformer({self.config})"
+
+
+def validate(cfg: ModelConfig, x: jax.Array, t: jax.Array, y: jax.Array) -> None:
+    """The core's input checks, fed host scalars reduced here (never inside traced code)."""
+    check_shapes(cfg, x.shape, t.shape, y.shape)
+    y_is_int = jnp.issubdtype(y.dtype, jnp.integer)
+    reduced = jax.device_get(_reductions(x, t, y if y_is_int else y.astype(jnp.int32)))
+    x_finite, t_min, t_max, y_min, y_max = reduced  # one host transfer
+    check_values(cfg, x_finite=bool(x_finite), t_min=float(t_min), t_max=float(t_max),
+                 y_min=int(y_min), y_max=int(y_max), y_is_int=bool(y_is_int))
+
+
+@jax.jit
+def _reductions(x: jax.Array, t: jax.Array, y: jax.Array):
+    return jnp.isfinite(x).all(), t.min(), t.max(), y.min(), y.max()
