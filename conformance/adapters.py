@@ -173,7 +173,65 @@ class MlxAdapter:
         return self.bm.train(tc)
 
 
-ADAPTERS: dict[str, Any] = {"torch": TorchAdapter, "mlx": MlxAdapter}
+class JaxAdapter:
+    name = "jax"
+    dtypes = ("float32", "bfloat16")
+
+    def __init__(self) -> None:
+        import importlib
+
+        import jax
+        import jax.numpy as jnp
+
+        from dar_core.backends import jax as bj
+        from dar_core.backends.jax import model as jm
+        from dar_core.backends.jax import routing as jr
+
+        jt = importlib.import_module("dar_core.backends.jax.train")  # not the train function
+        self.jax, self.jnp, self.bj, self.jm, self.jr, self.jt = jax, jnp, bj, jm, jr, jt
+
+    def _params(self, cfg, params):
+        return self.bj.DARTransformer(cfg).load({k: np.asarray(v, np.float32)
+                                                 for k, v in params.items()})
+
+    def forward(self, cfg, params, x, t, y, dtype="float32"):
+        jnp = self.jnp
+        p = self._params(cfg, params)
+        if dtype == "bfloat16":
+            out = self.jm.forward_jit(self.jm.cast(p, jnp.bfloat16), cfg,
+                                      jnp.asarray(x, jnp.bfloat16), jnp.asarray(t, jnp.float32),
+                                      jnp.asarray(y))
+        else:
+            out = self.bj.DARTransformer(cfg)(p, x.astype(np.float32), t.astype(np.float32), y)
+        return np.asarray(out, dtype=np.float32)
+
+    def loss_and_grads(self, cfg, params, batch, dtype="float32"):
+        jnp = self.jnp
+        p = self._params(cfg, params)
+        buffers = {"pos_embed": p.pop("pos_embed")}
+        b = {k: jnp.asarray(batch[k].astype(np.float32)) for k in ("x", "noise", "t")}
+        b["y"] = jnp.asarray(batch["y"])
+        cdt = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+        loss, grads = self.jax.value_and_grad(self.jt.loss_fn)(p, buffers, b, cfg, cdt)
+        return float(loss), {k: np.asarray(v, np.float64) for k, v in grads.items()}
+
+    def route(self, v, q, w, g, dtype="float32"):
+        jnp = self.jnp
+        vs = [jnp.asarray(a, jnp.float32) for a in v]
+        qq, ww, gg = (jnp.asarray(a, jnp.float32) for a in (q, w, g))
+        (h, alpha), vjp = self.jax.vjp(self.jr.route, vs, qq, ww)
+        dv, dq, dw = vjp((gg, jnp.zeros_like(alpha)))
+        return (np.asarray(h), np.asarray(alpha), np.stack([np.asarray(a) for a in dv]),
+                np.asarray(dq), np.asarray(dw))
+
+    def velocity_model(self, cfg, weights):
+        return self.bj.velocity_model(cfg, weights, device="cpu")
+
+    def train(self, tc):
+        return self.bj.train(tc)
+
+
+ADAPTERS: dict[str, Any] = {"torch": TorchAdapter, "jax": JaxAdapter, "mlx": MlxAdapter}
 
 
 def load(name: str):

@@ -92,8 +92,25 @@ class History:
         qw = (q * norm_w).astype(self.acc) / math.sqrt(newest.shape[-1])  # [d]|[B,1,d]|[B,T,d]
         values = [v for s in self.slices[agg] for v in self.values[s]]  # N x [B, T, d]
         rstd = [r for s in self.slices[agg] for r in self.rstd[s]]  # N x [B, T]
-        logits = jnp.stack([jnp.sum(v.astype(self.acc) * qw, axis=-1) * r
-                            for v, r in zip(values, rstd, strict=True)])  # [N, B, T]
-        alpha = jax.nn.softmax(logits, axis=0)  # [N, B, T]
-        h = sum(alpha[i, ..., None] * v for i, v in enumerate(values))  # [B, T, d] in acc
-        return h.astype(newest.dtype)
+        return mix(values, rstd, qw, self.acc)[0].astype(newest.dtype)
+
+
+def mix(values: list[jax.Array], rstd: list[jax.Array], qw: jax.Array,
+        acc: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+    """Softmax-mix sources ``values`` (each ``[B, T, d]``) given their cached inverse RMS
+    (each ``[B, T]``) and the folded query ``qw``: ``(h [B, T, d] in acc, alpha [N, B, T])``."""
+    logits = jnp.stack([jnp.sum(v.astype(acc) * qw, axis=-1) * r
+                        for v, r in zip(values, rstd, strict=True)])  # [N, B, T]
+    alpha = jax.nn.softmax(logits, axis=0)  # [N, B, T]
+    h = sum(alpha[i, ..., None] * v for i, v in enumerate(values))  # [B, T, d] in acc
+    return h, alpha
+
+
+def route(values: list[jax.Array], query: jax.Array, norm_weight: jax.Array,
+          eps: float = 1e-6) -> tuple[jax.Array, jax.Array]:
+    """The efficient form of ``dar_core.routing.route`` on a list of ``[B, T, d]`` sources and
+    an unfolded query (``[d]``, ``[B, 1, d]`` or ``[B, T, d]``): ``(h, alpha [N, B, T])``."""
+    acc = jnp.promote_types(values[0].dtype, jnp.float32)
+    rstd = [lax.rsqrt(jnp.mean(jnp.square(v.astype(acc)), axis=-1) + eps) for v in values]
+    qw = (query * norm_weight).astype(acc) / math.sqrt(values[0].shape[-1])
+    return mix(values, rstd, qw, acc)
