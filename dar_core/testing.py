@@ -6,6 +6,20 @@ from typing import Any
 
 import numpy as np
 
+from dar_core.config import RoutingConfig
+
+# The routing variants every backend's forward is checked on against the reference: the
+# baseline, dense, chunked, without the final aggregator, and chunk sizes that do not divide
+# L (with the tiny preset's L = 8).
+PARITY_VARIANTS: dict[str, RoutingConfig] = {
+    "residual": RoutingConfig(mode="residual"),
+    "dense_dynamic": RoutingConfig(query="dynamic", chunk_size=1),
+    "c4_static_t": RoutingConfig(query="static_t", chunk_size=4),
+    "c4_static_no_final": RoutingConfig(query="static", chunk_size=4, final_aggregator=False),
+    "c3_static_t": RoutingConfig(query="static_t", chunk_size=3),
+    "c3_dynamic_no_final": RoutingConfig(query="dynamic", chunk_size=3, final_aggregator=False),
+}
+
 
 def rel_err(a: Any, b: Any) -> float:
     """``max |a - b| / max |b|`` (0 when both are all zero), computed in float64."""

@@ -14,21 +14,13 @@ from dar_core.backends.jax import DARTransformer, velocity_model  # noqa: E402
 from dar_core.backends.jax import model as jax_model  # noqa: E402
 from dar_core.backends.jax.model import forward  # noqa: E402
 from dar_core.backends.jax.routing import History  # noqa: E402
-from dar_core.config import RoutingConfig, model_config  # noqa: E402
+from dar_core.config import model_config  # noqa: E402
 from dar_core.errors import CheckpointError, ConfigError, InputError  # noqa: E402
 from dar_core.routing import route, source_sets  # noqa: E402
 from dar_core.schema import init_params, param_shapes, random_params, router_prefixes  # noqa: E402
-from dar_core.testing import rel_err  # noqa: E402
+from dar_core.testing import PARITY_VARIANTS, rel_err  # noqa: E402
 
-VARIANTS = {
-    "residual": RoutingConfig(mode="residual"),
-    "dense_dynamic": RoutingConfig(query="dynamic", chunk_size=1),
-    "c4_static_t": RoutingConfig(query="static_t", chunk_size=4),
-    "c4_static_nofinal": RoutingConfig(query="static", chunk_size=4, final_aggregator=False),
-    "c3_static_t_nondivisor": RoutingConfig(query="static_t", chunk_size=3),
-    "c3_dynamic_nofinal_nondivisor": RoutingConfig(query="dynamic", chunk_size=3,
-                                                   final_aggregator=False),
-}
+VARIANTS = PARITY_VARIANTS
 
 
 def _config(routing, depth=4):
@@ -98,7 +90,7 @@ def test_forward_float32_matches_float64_reference(name):
 _QUICK = {"xla_backend_optimization_level": 0}
 
 
-@pytest.mark.parametrize("name", ["dense_dynamic", "c4_static_t", "c3_dynamic_nofinal_nondivisor"])
+@pytest.mark.parametrize("name", ["dense_dynamic", "c4_static_t", "c3_dynamic_no_final"])
 def test_float64_forward_and_gradients_match_naive_routing(name):
     """In float64 (scoped x64): the buffered, folded-query routing equals the naive routing
     in the forward pass and in the gradient of every parameter, routing parameters included;

@@ -24,16 +24,9 @@ from dar_core.schema import (  # noqa: E402
     random_params,
     trainable_names,
 )
-from dar_core.testing import assert_close, rel_err  # noqa: E402
+from dar_core.testing import PARITY_VARIANTS, assert_close, rel_err  # noqa: E402
 
-ROUTINGS = {
-    "residual": RoutingConfig(mode="residual"),
-    "dense_dynamic": RoutingConfig(query="dynamic", chunk_size=1),
-    "c4_static_t": RoutingConfig(query="static_t", chunk_size=4),
-    "c4_static_no_final": RoutingConfig(query="static", chunk_size=4, final_aggregator=False),
-    "c3_static_t": RoutingConfig(query="static_t", chunk_size=3),  # L=8: 3 does not divide
-    "c3_dynamic_no_final": RoutingConfig(query="dynamic", chunk_size=3, final_aggregator=False),
-}
+ROUTINGS = PARITY_VARIANTS
 
 
 def micro(routing: RoutingConfig):

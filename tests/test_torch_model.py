@@ -11,17 +11,9 @@ from dar_core.config import RoutingConfig, model_config  # noqa: E402
 from dar_core.errors import CheckpointError, InputError  # noqa: E402
 from dar_core.reference import forward  # noqa: E402
 from dar_core.schema import init_params, param_shapes, random_params  # noqa: E402
-from dar_core.testing import rel_err  # noqa: E402
+from dar_core.testing import PARITY_VARIANTS, rel_err  # noqa: E402
 
-VARIANTS = {
-    "residual": RoutingConfig(mode="residual"),
-    "dense_dynamic": RoutingConfig(query="dynamic", chunk_size=1),
-    "c4_static_t": RoutingConfig(query="static_t", chunk_size=4),
-    "c4_static_nofinal": RoutingConfig(query="static", chunk_size=4, final_aggregator=False),
-    "c3_static_t_nondivisor": RoutingConfig(query="static_t", chunk_size=3),
-    "c4_dynamic_nofinal_partial": RoutingConfig(query="dynamic", chunk_size=3,
-                                                final_aggregator=False),
-}
+VARIANTS = PARITY_VARIANTS
 
 
 def _inputs(cfg, b=3, seed=0):
