@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from dar_core.config import RoutingConfig
+from dar_core.config import ModelConfig, RoutingConfig
 
 # The routing variants every backend's forward is checked on against the reference: the
 # baseline, dense, chunked, without the final aggregator, and chunk sizes that do not divide
@@ -19,6 +19,16 @@ PARITY_VARIANTS: dict[str, RoutingConfig] = {
     "c3_static_t": RoutingConfig(query="static_t", chunk_size=3),
     "c3_dynamic_no_final": RoutingConfig(query="dynamic", chunk_size=3, final_aggregator=False),
 }
+
+
+def parity_inputs(cfg: ModelConfig, b: int = 3, seed: int = 0
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Float64 ``(x, t, y)`` for parity tests: times at both ends and inside, the null label."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((b, cfg.in_channels, cfg.input_size, cfg.input_size))
+    t = np.array([0.0, 1.0, 0.37])[:b]
+    y = np.array([cfg.num_classes, 0, 7])[:b]
+    return x, t, y
 
 
 def rel_err(a: Any, b: Any) -> float:

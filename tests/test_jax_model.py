@@ -18,7 +18,7 @@ from dar_core.config import model_config  # noqa: E402
 from dar_core.errors import CheckpointError, ConfigError, InputError  # noqa: E402
 from dar_core.routing import route, source_sets  # noqa: E402
 from dar_core.schema import init_params, param_shapes, random_params, router_prefixes  # noqa: E402
-from dar_core.testing import PARITY_VARIANTS, rel_err  # noqa: E402
+from dar_core.testing import PARITY_VARIANTS, parity_inputs, rel_err  # noqa: E402
 
 VARIANTS = PARITY_VARIANTS
 
@@ -38,12 +38,7 @@ def _params(cfg, seed=1):
     return p
 
 
-def _inputs(cfg, b=3, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((b, cfg.in_channels, cfg.input_size, cfg.input_size))
-    t = np.array([0.0, 1.0, 0.37])[:b]
-    y = np.array([cfg.num_classes, 0, 7])[:b]
-    return x, t, y
+_inputs = parity_inputs
 
 
 class NaiveHistory:
