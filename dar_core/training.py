@@ -69,6 +69,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
+    ema_warmup: bool = False  # cap the decay at (1 + step) / (10 + step)
     class_dropout: float = 0.1
     time_sampling: str = "uniform"
     seed: int = 0
@@ -117,7 +118,21 @@ class TrainConfig:
         if self.sample_sampler not in SAMPLERS:
             raise ConfigError(f"sample_sampler must be one of {list(SAMPLERS)}, "
                               f"got {self.sample_sampler!r}")
+        if not isinstance(self.ema_warmup, bool):
+            raise ConfigError(f"ema_warmup must be a bool, got {self.ema_warmup!r}")
         self.model_config()  # validates model and routing fields
+
+    def ema_decay_at(self, step: int) -> float:
+        """EMA decay of the update made by step ``step`` (0-based).
+
+        ``ema_warmup`` caps it at ``(1 + step) / (10 + step)``, so the average forgets the
+        initial weights within a tenth of the run so far: a short run's EMA is then usable
+        at any step, where a fixed 0.9999 would still hold 82% of the initial weights after
+        2000 steps. Without warm-up (SiT's setting) it is ``ema_decay`` at every step.
+        """
+        if not self.ema_warmup:
+            return float(self.ema_decay)
+        return float(min(self.ema_decay, (1.0 + step) / (10.0 + step)))
 
     def model_config(self) -> ModelConfig:
         routing = RoutingConfig(mode=self.routing, query=self.query, chunk_size=self.chunk_size,

@@ -128,9 +128,9 @@ def make_train_step(cfg: ModelConfig, tc: TrainConfig, mesh: Mesh):
 @functools.lru_cache(maxsize=16)
 def compiled_step(cfg: ModelConfig, settings: StepSettings, mesh: Mesh):
     optimizer = make_optimizer(settings)
-    dtype, decay = DTYPES[settings.precision], settings.ema_decay
+    dtype = DTYPES[settings.precision]
 
-    def train_step(state: TrainState, buffers: dict, batch: dict):
+    def train_step(state: TrainState, buffers: dict, batch: dict, decay: jax.Array):
         TRACE_COUNTS["train_step"] += 1
         loss, grads = jax.value_and_grad(loss_fn)(state.params, buffers, batch, cfg, dtype,
                                                   settings.grad_checkpoint)
@@ -142,8 +142,15 @@ def compiled_step(cfg: ModelConfig, settings: StepSettings, mesh: Mesh):
 
     replicated = NamedSharding(mesh, PartitionSpec())
     sharded = NamedSharding(mesh, PartitionSpec("data"))
-    return jax.jit(train_step, in_shardings=(replicated, replicated, sharded),
-                   out_shardings=replicated, donate_argnums=(0,))
+    jitted = jax.jit(train_step, in_shardings=(replicated, replicated, sharded, replicated),
+                     out_shardings=replicated, donate_argnums=(0,))
+
+    def step(state: TrainState, buffers: dict, batch: dict, ema_decay: float | None = None):
+        """``ema_decay`` overrides the configured decay for this step (EMA warm-up)."""
+        decay = settings.ema_decay if ema_decay is None else ema_decay
+        return jitted(state, buffers, batch, jnp.float32(decay))
+
+    return step
 
 
 def shard_batch(local: dict[str, np.ndarray], sharding: NamedSharding,
@@ -230,7 +237,7 @@ def train(tc: TrainConfig, *, devices: Any = None) -> Path:
 
     for step in run.steps():
         batch = shard_batch(run.stream.batch(step, rank, world), sharded, tc.batch_size)
-        state, loss, grad_norm = step_fn(state, buffers, batch)
+        state, loss, grad_norm = step_fn(state, buffers, batch, tc.ema_decay_at(step))
         flush()
         pending = (step, loss, grad_norm)
         if run.should_checkpoint(step) or run.should_sample(step):

@@ -67,7 +67,7 @@ class TrainStep:
         self.state = [model.state, optimizer.state, ema, mx.random.state]
         loss_and_grad = nn.value_and_grad(model, loss_fn)
 
-        def step(x: mx.array, t: mx.array, y: mx.array, noise: mx.array):
+        def step(x: mx.array, t: mx.array, y: mx.array, noise: mx.array, d: mx.array):
             self.traces += 1
             loss, grads = loss_and_grad(model, x, t, y, noise)
             if self.world > 1:
@@ -78,7 +78,6 @@ class TrainStep:
             else:
                 norm = global_norm(grads)
             optimizer.update(model, grads)
-            d = self.decay
             for name, p in tree_flatten(model.trainable_parameters()):
                 ema[name] = d * ema[name] + (1.0 - d) * p
             return loss, norm
@@ -86,10 +85,12 @@ class TrainStep:
         self._step = partial(mx.compile, inputs=self.state, outputs=self.state)(step) \
             if compile else step
 
-    def __call__(self, x: mx.array, t: mx.array, y: mx.array,
-                 noise: mx.array) -> tuple[mx.array, mx.array]:
-        """Schedule one step; returns at once (``loss.item()`` waits for it)."""
-        loss, norm = self._step(x, t, y, noise)
+    def __call__(self, x: mx.array, t: mx.array, y: mx.array, noise: mx.array,
+                 ema_decay: float | None = None) -> tuple[mx.array, mx.array]:
+        """Schedule one step; returns at once (``loss.item()`` waits for it). ``ema_decay``
+        overrides the configured decay for this step (EMA warm-up)."""
+        d = mx.array(self.decay if ema_decay is None else ema_decay, dtype=mx.float32)
+        loss, norm = self._step(x, t, y, noise, d)
         # Materialize the whole new state every step, so the lazy graph never spans steps.
         mx.async_eval(loss, norm, self.state)
         return loss, norm
@@ -164,7 +165,7 @@ def train(tc: TrainConfig) -> Path:
 
     batch = device_batch(run.start_step) if run.start_step < tc.steps else None
     for step in run.steps():
-        loss, norm = step_fn(*batch)
+        loss, norm = step_fn(*batch, ema_decay=tc.ema_decay_at(step))
         if step + 1 < tc.steps:
             batch = device_batch(step + 1)  # drawn on the host while the step runs
         run.log(step, loss.item(), norm.item())

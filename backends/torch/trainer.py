@@ -136,8 +136,9 @@ def _train(tc: TrainConfig, rank: int, world: int, device: torch.device) -> Path
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         opt.step()
         with torch.no_grad():
-            torch._foreach_mul_(ema_params, tc.ema_decay)
-            torch._foreach_add_(ema_params, params, alpha=1.0 - tc.ema_decay)
+            decay = tc.ema_decay_at(step)
+            torch._foreach_mul_(ema_params, decay)
+            torch._foreach_add_(ema_params, params, alpha=1.0 - decay)
         if world > 1:
             loss = loss.detach().clone()
             dist.all_reduce(loss, op=dist.ReduceOp.AVG)
