@@ -50,3 +50,11 @@ def bench(session: nox.Session) -> None:
     install(session, "all")
     session.run("python", "-m", "benchmarks.bench_routing", *session.posargs)
     session.run("python", "-m", "benchmarks.bench_overhead", *session.posargs)
+
+
+@nox.session
+def convergence(session: nox.Session) -> None:
+    """The multi-seed DAR vs residual convergence study (CPU hours); writes
+    benchmarks/results/convergence.*. ``-- --analyze-only`` redoes tables and plots."""
+    install(session, "torch,test")
+    session.run("python", "-m", "benchmarks.convergence", *session.posargs)
