@@ -4,8 +4,11 @@
 
 For each installed backend and each preset (``tiny`` batch 64; ``SiT-S/2`` on 32x32x4 latents,
 batch 8), residual and DAR (static, static_t, dynamic x chunk 1, 4, 8) steps run interleaved
-in one process; medians and ratios to residual are reported. Peak memory is the growth of the
-peak resident memory of a fresh process over 2 training steps (``mem_probe``).
+in one process; medians and ratios to residual are reported. Peak memory of a training step is
+measured in a fresh process (``mem_probe``): XLA's temporary-buffer assignment for JAX, the
+allocator's peak above the resident state for MLX, and the growth of the peak resident memory
+over 2 steps for PyTorch on CPU. MLX's SiT-S/2 rows need its GPU (Apple silicon): on its
+reference CPU kernels one such step takes over a minute.
 Writes ``benchmarks/results/overhead.{json,md}``.
 """
 
@@ -15,7 +18,7 @@ import argparse
 import importlib
 import importlib.util
 
-from benchmarks.common import interleaved, machine, md_table, peak_rss_mb, write
+from benchmarks.common import interleaved, machine, md_table, probe_mb, write
 from dar_core.config import RoutingConfig, model_config
 
 PRESETS = {
@@ -48,6 +51,9 @@ def run_backend(name: str, reps: int, quick: bool, memory: bool) -> list[dict]:
     cases = importlib.import_module(f"benchmarks.{name}_cases")
     rows = []
     for preset, spec in PRESETS.items():
+        if preset != "tiny" and not getattr(cases, "gpu_available", lambda: True)():
+            print(f"{name} {preset}: skipped (no GPU: {cases.gpu_available.__doc__})")
+            continue
         cfgs = {k: model_config(spec["name"], routing=r, **spec["overrides"])
                 for k, r in variants(quick).items()}
         train = interleaved({k: cases.train_step(c, spec["batch"]) for k, c in cfgs.items()},
@@ -58,7 +64,10 @@ def run_backend(name: str, reps: int, quick: bool, memory: bool) -> list[dict]:
         if memory:
             for k, c in cfgs.items():
                 args = ["-m", "benchmarks.mem_probe", name, c.to_json(), str(spec["batch"])]
-                mem[k] = peak_rss_mb(args + ["2"]) - peak_rss_mb(args + ["0"])
+                if hasattr(cases, "peak_memory_mb"):
+                    mem[k] = probe_mb(args + ["0"])
+                else:  # peak RSS growth over 2 training steps
+                    mem[k] = probe_mb(args + ["2"]) - probe_mb(args + ["0"])
         for k in cfgs:
             rows.append({
                 "backend": name, "preset": preset, "batch": spec["batch"], "variant": k,
@@ -82,7 +91,7 @@ def table(rows: list[dict]) -> str:
              f(r["img_per_s"], ".0f"), f(r["sample_ms"], ".1f"), f(r["sample_ratio"], ".3f"),
              f(r["mem_mb"], ".0f"), f(r["mem_ratio"], ".2f")] for r in rows]
     return md_table(["backend", "preset", "routing", "train step ms", "× residual", "img/s",
-                     "sample step ms", "× residual", "Δ peak RSS MB", "× residual"], body)
+                     "sample step ms", "× residual", "step peak memory MB", "× residual"], body)
 
 
 def main() -> None:

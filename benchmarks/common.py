@@ -32,12 +32,11 @@ def interleaved(cases: dict[str, Callable[[], None]], reps: int, warmup: int = 2
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def peak_rss_mb(argv: list[str]) -> float:
-    """Peak resident memory (MB) of a fresh Python process running ``argv`` (it prints the
-    value of ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` as its last line)."""
+def probe_mb(argv: list[str]) -> float:
+    """The number (MB) a fresh Python process running ``argv`` prints as its last line."""
     out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, check=True,
                          env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    return float(out.stdout.strip().splitlines()[-1]) / 1024.0
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def machine() -> dict:

@@ -21,7 +21,7 @@ is still needed (by later reads or the backward pass), and each read's backward 
 a buffer-sized gradient; per-source arrays have neither cost (see README.md for numbers).
 Logits, softmax and the weighted sum accumulate in at least float32 (float64 stays float64).
 Residual mode is the same object with routing off: ``read`` returns the running sum of every
-output so far (the plain DiT/SiT stream).
+output so far (the plain DiT/SiT stream), materialized after every add.
 """
 
 from __future__ import annotations
@@ -84,7 +84,11 @@ class History:
         """Input ``[B, T, d]`` of aggregator ``agg`` (0-indexed: sublayer ``agg+1``; ``L``
         is the final layer's)."""
         if not self.routing.is_dar:
-            return self.total
+            # A barrier on each read materializes the stream and its cotangent: left to
+            # itself, XLA fuses the chain of adds into every consumer (each LayerNorm and its
+            # backward) and recomputes it there, O(depth^2) work. SiT-S/2's training step
+            # took 24 s instead of 4.8 s on CPU.
+            return lax.optimization_barrier(self.total)
         prefix = self.prefixes[agg]
         newest = self.values[self.count - 1]  # v_{l-1}: the dynamic query's input
         q = router_query(self.cfg, self.params, prefix, self.t_emb, newest)
