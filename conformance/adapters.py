@@ -189,8 +189,15 @@ class JaxAdapter:
 
         jt = importlib.import_module("dar_core.backends.jax.train")  # not the train function
         self.jax, self.jnp, self.bj, self.jm, self.jr, self.jt = jax, jnp, bj, jm, jr, jt
+        self.calls = 0
 
     def _params(self, cfg, params):
+        # Every drawn config compiles new executables; thousands of them (the thorough
+        # profile) grow the process by gigabytes and crashed XLA's compiler once. Drop them
+        # now and then: a config is rarely drawn twice.
+        self.calls += 1
+        if self.calls % 64 == 0:
+            self.jax.clear_caches()
         return self.bj.DARTransformer(cfg).load({k: np.asarray(v, np.float32)
                                                  for k, v in params.items()})
 

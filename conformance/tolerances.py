@@ -68,3 +68,44 @@ def sensitivity(fn: Callable[[dict, np.ndarray], np.ndarray], params: dict, x: n
 def forward_tol(kind: str, sens: float, dtype: str = "float32") -> float:
     """A forward tolerance widened by the draw's sensitivity (see the module docstring)."""
     return tol(kind, dtype) + CONDITION_FACTOR * sens
+
+
+def route_grad_scales(v: np.ndarray, q: np.ndarray, w: np.ndarray, g: np.ndarray,
+                      eps: float = 1e-6) -> dict[str, float]:
+    """The scale float32 rounding in each routing gradient is relative to: the largest sum of
+    the absolute values of its terms (float64).
+
+    Where terms cancel, a gradient is far smaller than its terms, and no float32 computation
+    gets it to ``tol`` relative to its own size. Two places cancel: the softmax backward
+    ``beta_i = alpha_i (dalpha_i - sum_j alpha_j dalpha_j)`` when the softmax saturates (a
+    weight of 6e-4 beside 0.9994 amplifies the rounding of ``dalpha`` 1500-fold), and the dot
+    products ``dalpha_i = g . v_i`` of nearly orthogonal vectors. The scales replace each
+    factor by a sum of absolute values, so they equal the gradients' own size when nothing
+    cancels. ``v [N, ..., d]``, ``q`` broadcastable to ``[..., d]``, ``w [d]``,
+    ``g [..., d]``.
+    """
+    v, q, w, g = (np.asarray(a, np.float64) for a in (v, q, w, g))
+    d = v.shape[-1]
+    r = 1.0 / np.sqrt(np.mean(v * v, axis=-1, keepdims=True) + eps)  # [N, ..., 1]
+    qt = q * w / np.sqrt(d)  # [..., d]
+    logits = r[..., 0] * np.sum(v * qt, axis=-1)  # [N, ...]
+    alpha = np.exp(logits - logits.max(0))
+    alpha /= alpha.sum(0)  # [N, ...]
+    dalpha_abs = np.sum(np.abs(v) * np.abs(g), axis=-1)  # [N, ...]
+    beta_abs = alpha * (dalpha_abs + np.sum(alpha * dalpha_abs, axis=0))  # [N, ...]
+    s_abs = np.sum(np.abs(v) * np.abs(qt), axis=-1)  # [N, ...]
+    b = beta_abs[..., None]
+    dv = (alpha[..., None] * np.abs(g) + b * r * np.abs(qt)
+          + b * s_abs[..., None] * r**3 / d * np.abs(v))  # [N, ..., d]
+    dqt = np.sum(b * r * np.abs(v), axis=0)  # [..., d]: the folded query's gradient
+    dq = _sum_to(dqt * np.abs(w) / np.sqrt(d), q.shape)  # q's gradient sums what it broadcasts
+    dw = (dqt * np.abs(q) / np.sqrt(d)).reshape(-1, d).sum(0)
+    return {"dv": float(dv.max()), "dq": float(dq.max()), "dw": float(dw.max())}
+
+
+def _sum_to(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Sum ``a`` over the axes that an array of ``shape`` was broadcast along."""
+    lead = a.ndim - len(shape)
+    a = a.sum(axis=tuple(range(lead))) if lead else a
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and a.shape[i] != 1)
+    return a.sum(axis=axes, keepdims=True) if axes else a
