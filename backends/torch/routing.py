@@ -45,10 +45,17 @@ def _acc(x: Tensor) -> Tensor:
 
 def _dots(v: Tensor, q: Tensor) -> Tensor:
     """``[n, B, T, d] . q -> [n, B, T]`` for a query of shape ``[d]``, ``[B, 1, d]`` or
-    ``[B, T, d]``. A broadcast multiply and a reduction over d: on the (strided) views of the
-    history, einsum/matmul lower to copies or batches of tiny matrix products, 2-5x slower
-    (measured on CPU, n = 5, B = T = d = 64)."""
-    return (v * q).sum(-1)
+    ``[B, T, d]``. Source by source (each row of the history is contiguous): a matrix-vector
+    product per sample for the shared queries, a broadcast multiply and reduction for the
+    per-token one. On the strided views of the history as a whole, einsum/matmul lower to
+    copies or batches of tiny matrix products, 2-5x slower (CPU, n = 5, B = T = d = 64)."""
+    if q.dim() == 3 and q.shape[1] > 1:
+        return (v * q).sum(-1)
+    with torch.autocast(v.device.type, enabled=False):  # routing math stays in float32
+        if q.dim() == 1:
+            return torch.stack([vj @ q for vj in v])
+        qt = q.transpose(1, 2)  # [B, d, 1]
+        return torch.stack([torch.bmm(vj, qt).squeeze(-1) for vj in v])
 
 
 def _mix(alpha: Tensor, pieces: list[Tensor]) -> Tensor:
@@ -114,7 +121,7 @@ class _Read(Function):
         g = g.to(store.buf.dtype)  # autocast consumers may hand back a bf16 gradient
         pieces = [store.buf[s] for s in ctx.slices]
         d = g.shape[-1]
-        dalpha = _cat([_dots(v, g) for v in pieces])  # [N, B, T]
+        dalpha = _cat([(v * g).sum(-1) for v in pieces])  # [N, B, T]
         beta = alpha * (dalpha - (alpha * dalpha).sum(0, keepdim=True))  # dL/dlogit
         br = (beta * rstd).unsqueeze(-1)  # [N, B, T, 1]
         coef_v = (beta * dots * rstd**3 / d).unsqueeze(-1)  # [N, B, T, 1]
