@@ -10,7 +10,7 @@ from conformance.adapters import trainable
 from conformance.conftest import record
 from conformance.plain_dit import dit_forward
 from conformance.strategies import batches, model_configs, param_scales, param_seeds
-from conformance.tolerances import forward_tol, sensitivity, tol
+from conformance.tolerances import WELL_CONDITIONED, forward_tol, sensitivity, tol
 from dar_core.config import RoutingConfig, model_config
 from dar_core.reference import forward
 from dar_core.schema import init_params, random_params
@@ -30,6 +30,8 @@ def test_forward_matches_reference(adapter, data):
     assert out.shape == ref.shape and out.dtype == np.float32
     err = record("model.forward", adapter.name, rel_err(out, ref))
     record("model.forward/sensitivity", adapter.name, err / max(sens, 1e-12))
+    if sens < WELL_CONDITIONED:
+        record("model.forward[well-conditioned]", adapter.name, err)
     assert err < forward_tol("forward", sens)
 
 
@@ -45,6 +47,8 @@ def test_forward_agrees_pairwise(adapters_pair, data):
     out_a = a.forward(cfg, p, b["x"], b["t"], b["y"], "float32")
     out_b = b_.forward(cfg, p, b["x"], b["t"], b["y"], "float32")
     err = rel_err(out_a, out_b)
+    if sens < WELL_CONDITIONED:
+        record("model.forward_pair[well-conditioned]", f"{a.name}-{b_.name}", err)
     assert record("model.forward_pair", f"{a.name}-{b_.name}", err) < forward_tol(
         "forward_pair", 2 * sens)
 
