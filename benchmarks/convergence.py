@@ -110,11 +110,16 @@ def run_arm(arm: str, seed: int, preset: str, runs: str, backend: str,
 
 
 def step_time_ratios(preset: str, backend: str, reps: int) -> dict[str, float]:
-    """Training-step time of each arm over residual, interleaved in this process."""
+    """Training-step time of each arm over residual, interleaved in this process, on one
+    thread like the study's runs."""
     import importlib
 
     from benchmarks.common import interleaved
 
+    if backend == "torch":
+        import torch
+
+        torch.set_num_threads(1)
     cases = importlib.import_module(f"benchmarks.{backend}_cases")
     base: TrainConfig = PRESETS[preset]["train"]
     steps = {arm: cases.train_step(base.replace(**fields).model_config(), base.batch_size)
@@ -139,6 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=10, help="repetitions of the step timing")
     ap.add_argument("--analyze-only", action="store_true",
                     help="recompute tables and plots from <results>/convergence.json")
+    ap.add_argument("--retime", action="store_true",
+                    help="measure the step-time ratios again into <results>/convergence.json "
+                         "(on a quiet machine), then redo tables and plots")
     ap.add_argument("--no-diagnostics", action="store_true")
     args = ap.parse_args(argv)
 
@@ -146,8 +154,12 @@ def main(argv: list[str] | None = None) -> None:
 
     results = Path(args.results)
     raw_path = results / "convergence.json"
-    if args.analyze_only:
+    if args.analyze_only or args.retime:
         raw = json.loads(raw_path.read_text())
+        if args.retime:
+            raw["step_time"] = step_time_ratios(raw["preset"], raw["backend"], args.reps)
+            raw["step_time_machine"] = machine()
+            raw_path.write_text(json.dumps(raw, indent=1))
         analysis.report(raw, results)
         return
 

@@ -200,12 +200,14 @@ def plot_quality(raw: dict, path: Path) -> None:
             ax.plot(steps, mean, "o-", color=color, ms=3,
                     label=f"{arm} ({tab.shape[0]} seeds)")
     floor = np.mean([r["fd_real_floor"] for r in raw["records"]])
-    axes[0].axhline(floor, color="k", ls=":", lw=1, label=f"real-image floor {floor:.2f}")
+    axes[0].plot([], [], " ", label=f"(real images score {floor:.2f})")
     axes[0].set(xscale="log", yscale="log", xlabel="training iterations",
                 ylabel="Fréchet distance (evaluator features)",
                 title="sample quality (lower is better)")
     axes[1].set(xscale="log", xlabel="training iterations", ylabel="class accuracy",
                 title="conditional accuracy (higher is better)", ylim=(0, 1.02))
+    axes[0].yaxis.set_major_formatter(_plain())
+    axes[0].yaxis.set_minor_formatter(_plain())
     for ax in axes:
         ax.grid(alpha=0.3, which="both")
         _step_ticks(ax, steps)
@@ -213,6 +215,12 @@ def plot_quality(raw: dict, path: Path) -> None:
     fig.suptitle("Convergence: mean over seeds, band = min..max over seeds")
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def _plain():
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(lambda v, _: f"{v:g}")
 
 
 def _step_ticks(ax, steps: list[int]) -> None:
@@ -236,15 +244,18 @@ def plot_speedup(result: dict, path: Path) -> None:
         s = np.array(p["speedup"], dtype=float)
         ci = np.array(p["speedup_ci"], dtype=float)
         cap = 4 * max(1.0, float(np.nanmax(np.where(np.isfinite(s), s, np.nan))))
-        ax.fill_between(q, np.maximum(ci[:, 0], 1e-2), np.minimum(ci[:, 1], cap), color=color,
+        ax.fill_between(q, np.maximum(ci[:, 0], 0.0), np.minimum(ci[:, 1], cap), color=color,
                         alpha=0.15, lw=0)
         ax.plot(q, s, "o-", ms=3, color=color, label=f"{arm} (95% CI band)")
     q_star = next(iter(result["arms"].values()))["q_star"]
     ax.axvline(q_star, color="k", ls="--", lw=1, label=f"residual's final FD {q_star:.2f}")
     ax.axhline(1.0, color="grey", lw=1)
-    ax.set(xscale="log", yscale="log", xlabel="FD threshold q (harder to the right)",
+    ax.set(xscale="log", xlabel="FD threshold q (harder to the right)",
            ylabel="iters_residual(q) / iters_arm(q)", title="speedup to reach FD <= q")
     ax.invert_xaxis()
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(_plain())
+        axis.set_minor_formatter(_plain())
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -340,6 +351,7 @@ def markdown(raw: dict, result: dict) -> str:
               "```bash",
               "python3 -m nox -s convergence                       # the whole study (hours)",
               "python -m benchmarks.convergence --analyze-only     # tables/plots from the JSON",
+              "python -m benchmarks.convergence --retime --reps 20 # step-time ratios again",
               "```", "",
               "Raw records (every evaluation of every seed and arm, with the protocol id): "
               "`convergence.json`. Diagnostics of the final checkpoints (seed 0 of every "
