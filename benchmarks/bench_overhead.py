@@ -89,9 +89,28 @@ def table(rows: list[dict]) -> str:
              f(r["train_ratio"], ".3f") + (" ✗" if r["variant"] in TARGETS
                                            and r["train_ratio"] > TARGETS[r["variant"]] else ""),
              f(r["img_per_s"], ".0f"), f(r["sample_ms"], ".1f"), f(r["sample_ratio"], ".3f"),
-             f(r["mem_mb"], ".0f"), f(r["mem_ratio"], ".2f")] for r in rows]
+             f(r["mem_mb"], ".0f"), f(r["mem_ratio"], ".2f") + (
+                 " ✗" if r["mem_ratio"] is not None and r["mem_ratio"] > MEMORY_TARGET else "")]
+            for r in rows]
     return md_table(["backend", "preset", "routing", "train step ms", "× residual", "img/s",
                      "sample step ms", "× residual", "step peak memory MB", "× residual"], body)
+
+
+def throughput_table(rows: list[dict]) -> str:
+    """Each backend's training throughput as a fraction of the fastest backend's on the same
+    preset and routing (target: within 1.5x, i.e. a slowdown <= 1.5)."""
+    body = []
+    for preset in dict.fromkeys(r["preset"] for r in rows):
+        for variant in dict.fromkeys(r["variant"] for r in rows if r["preset"] == preset):
+            same = {r["backend"]: r["img_per_s"] for r in rows
+                    if r["preset"] == preset and r["variant"] == variant}
+            best = max(same, key=same.get)
+            body.append([preset, variant, best] + [
+                "–" if b not in same else f"{same[best] / same[b]:.2f}"
+                + (" ✗" if same[best] / same[b] > 1.5 else "")
+                for b in ("torch", "jax", "mlx")])
+    return md_table(["preset", "routing", "fastest", "torch slowdown", "jax slowdown",
+                     "mlx slowdown"], body)
 
 
 def main() -> None:
@@ -107,7 +126,9 @@ def main() -> None:
     targets = ", ".join(f"{k} ≤ {v}×" for k, v in TARGETS.items())
     md = (f"# DAR overhead over residual (medians of {args.reps} interleaved reps)\n\n"
           f"Machine: {machine()}\n\nTargets: {targets}; peak memory ≤ {MEMORY_TARGET}× "
-          "(✗ marks a missed step-time target).\n\n" + table(rows))
+          "(✗ marks a missed target).\n\n" + table(rows)
+          + "\n\n## Training throughput relative to the fastest backend (target ≤ 1.5)\n\n"
+          + throughput_table(rows))
     j, m = write("overhead", {"machine": machine(), "reps": args.reps, "rows": rows}, md)
     print(md)
     print(f"wrote {j} and {m}")
