@@ -326,7 +326,9 @@ def markdown(raw: dict, result: dict) -> str:
               _table(["arm", "iterations to q*", "speedup [95% CI]", "P(speedup > 1)",
                       "step time × residual", "wall-clock speedup [95% CI]"], rows),
               "Speedup over a range of thresholds (from the residual's FD at 1/8 of the "
-              "budget down to its final FD):", "",
+              "budget down to its final FD; each threshold is held fixed across the bootstrap "
+              "resamples, so the last row's interval differs from the q* row above, where q* "
+              "is recomputed in every resample):", "",
               _table(["FD threshold"] + list(result["arms"]),
                      [[f"{q:.3f}"] + [_fmt_ci(p["speedup"][j], p["speedup_ci"][j])
                                       for p in result["arms"].values()]

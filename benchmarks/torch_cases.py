@@ -3,15 +3,22 @@ routing aggregation (forward + backward) in the optimized and the naive form."""
 
 from __future__ import annotations
 
+import copy
+import ctypes
+import ctypes.util
+
 import numpy as np
 import torch
 
 from dar_core.backends.torch import DARTransformer
 from dar_core.backends.torch.routing import History
+from dar_core.backends.torch.trainer import loss_fn
 from dar_core.config import ModelConfig
 from dar_core.routing import route
+from dar_core.training import TrainConfig
 
 NAME = "torch"
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
 
 def _batch(cfg: ModelConfig, b: int, seed: int = 0):
@@ -20,20 +27,65 @@ def _batch(cfg: ModelConfig, b: int, seed: int = 0):
     return x, torch.rand(b, generator=g), torch.randint(0, cfg.num_classes, (b,), generator=g)
 
 
-def train_step(cfg: ModelConfig, batch_size: int, routing_impl: str = "history"):
-    model = DARTransformer(cfg, routing_impl=routing_impl)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x, t, y = _batch(cfg, batch_size)
-    noise = torch.randn_like(x)
+def train_step(cfg: ModelConfig, batch_size: int, routing_impl: str = "history",
+               device: str = "cpu"):
+    """The backend trainer's step: AdamW, gradient clipping and the EMA update, as the JAX
+    and MLX cases do."""
+    tc = TrainConfig(lr=1e-4)
+    model = DARTransformer(cfg, routing_impl=routing_impl).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params = list(named.values())
+    ema_params = [dict(ema.named_parameters())[n] for n in named]
+    opt = torch.optim.AdamW(params, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.adam_eps,
+                            weight_decay=tc.weight_decay)
+    x, t, y = (a.to(device) for a in _batch(cfg, batch_size))
+    batch = {"x": x, "t": t, "y": y, "noise": torch.randn_like(x)}
 
     def step() -> None:
-        xt = t[:, None, None, None] * x + (1 - t[:, None, None, None]) * noise
-        loss = (model.velocity(xt, t, y) - (x - noise)).square().mean()
+        loss = loss_fn(model.velocity, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
         opt.step()
+        with torch.no_grad():
+            torch._foreach_mul_(ema_params, tc.ema_decay)
+            torch._foreach_add_(ema_params, params, alpha=1.0 - tc.ema_decay)
 
     return step
+
+
+def _status_mb(key: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith(key + ":")) / 1024
+
+
+def peak_memory_mb(cfg: ModelConfig, batch_size: int) -> float:
+    """Peak memory of one training step above the memory held before it (weights, gradients,
+    optimizer state), after two warm-up steps. CUDA: the caching allocator's statistics. CPU
+    (Linux): glibc is told to serve and return every block over 64 KiB by mmap, so freed
+    activations leave the resident set; the kernel's peak-RSS mark is reset before the step
+    and read after it. Run it in a fresh process (``mem_probe``): the malloc settings stay."""
+    if torch.cuda.is_available():
+        step = train_step(cfg, batch_size, device="cuda")
+        step(), step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        held = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - held) / 2**20
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.mallopt(_M_MMAP_THRESHOLD, 1 << 16)  # also turns off glibc's adaptive threshold
+    libc.mallopt(_M_TRIM_THRESHOLD, 1 << 16)
+    step = train_step(cfg, batch_size)
+    step(), step()
+    libc.malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident set
+    held = _status_mb("VmRSS")
+    step()
+    return _status_mb("VmHWM") - held
 
 
 def sample_step(cfg: ModelConfig, batch_size: int):

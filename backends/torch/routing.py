@@ -13,13 +13,17 @@ so the buffer lives outside autograd. Two small Functions carry the gradient ins
 ``_Write`` returns a scalar *token* per source and takes the previous token, and every ``_Read``
 takes the newest token. The tokens form a chain, so autograd runs the writer of ``v_l`` only
 after every later write and every read that came after it: all readers of ``v_l``. Readers
-accumulate ``dL/dv_i`` in place into a gradient buffer; the writer hands row ``l`` to ``v_l``
-and clears it.
+accumulate ``dL/dv_i`` in place into a per-row gradient (the first reader creates it); the
+writer hands row ``l``'s to ``v_l`` and drops it.
 Per source the gradient of one read is (``s_i = v_i . q~``, ``beta = alpha * (dalpha -
 sum alpha dalpha)``, ``dalpha_i = g . v_i``)::
 
     dv_i = alpha_i g + beta_i rstd_i q~ - (beta_i s_i rstd_i^3 / d) v_i
     dq~  = sum_i beta_i rstd_i v_i
+    dq   = dq~ * w_norm / sqrt(d)          dw_norm = sum over B, T of dq~ * q / sqrt(d)
+
+The query is folded inside the read, so autograd keeps only the raw query (one ``[B, T, d]``
+tensor per aggregator fewer for the dynamic query).
 
 The history is stored, and the routing math runs, in at least float32 whatever the autocast
 dtype. ``NaiveHistory`` is the readable four-pass form over ``dar_core.routing.route`` kept
@@ -92,23 +96,22 @@ class _Write(Function):
 
     @staticmethod
     def backward(ctx: Any, _token_grad: Tensor) -> tuple[Tensor | None, None, None, None]:
-        grad = ctx.store.grad
-        if grad is None:
-            return None, None, None, None
-        g = grad[ctx.l].clone()
-        grad[ctx.l].zero_()  # every reader of row l is done: a retained graph can run again
-        return g, None, None, None
+        # every reader of row l is done: hand its gradient over (a retained graph can run
+        # again, it finds the row absent); None when no reader had a gradient for it
+        return ctx.store.grads.pop(ctx.l, None), None, None, None
 
 
 class _Read(Function):
     @staticmethod
-    def forward(ctx: Any, q: Tensor, store: Storage, slices: tuple, *tokens: Tensor):
+    def forward(ctx: Any, raw_q: Tensor, norm_weight: Tensor, store: Storage, slices: tuple,
+                *tokens: Tensor):
+        q = fold_query(raw_q, norm_weight)  # folded here, so only the raw query is saved
         pieces = [store.buf[s] for s in slices]  # views, each [n_k, B, T, d]
         rstd = _cat([store.rstd[s] for s in slices])  # [N, B, T]
         dots = _cat([_dots(v, q) for v in pieces])  # [N, B, T]
         alpha = torch.softmax(rstd * dots, dim=0)  # [N, B, T]
         h = _mix(alpha, pieces)  # [B, T, d]
-        ctx.save_for_backward(q, alpha, dots)
+        ctx.save_for_backward(raw_q, norm_weight, alpha, dots)
         ctx.store, ctx.slices = store, slices
         ctx.rstd = rstd  # may be a view of the rstd buffer: its rows are never rewritten
         ctx.mark_non_differentiable(alpha)
@@ -116,8 +119,9 @@ class _Read(Function):
 
     @staticmethod
     def backward(ctx: Any, g: Tensor, _alpha_grad: Tensor):
-        q, alpha, dots = ctx.saved_tensors
+        raw_q, norm_weight, alpha, dots = ctx.saved_tensors
         store, rstd = ctx.store, ctx.rstd
+        q = fold_query(raw_q, norm_weight)
         g = g.to(store.buf.dtype)  # autocast consumers may hand back a bf16 gradient
         pieces = [store.buf[s] for s in ctx.slices]
         d = g.shape[-1]
@@ -126,24 +130,34 @@ class _Read(Function):
         br = (beta * rstd).unsqueeze(-1)  # [N, B, T, 1]
         coef_v = (beta * dots * rstd**3 / d).unsqueeze(-1)  # [N, B, T, 1]
         a = alpha.unsqueeze(-1)  # [N, B, T, 1]
-        grad = store.grad_buffer()
+        grads = store.grads
         dq = torch.zeros(g.shape, dtype=g.dtype, device=g.device)  # [B, T, d]
         i = 0
         for s, v in zip(ctx.slices, pieces):  # in-place multiply-adds, no [n, B, T, d] temps
-            rows = grad[s]
-            for j in range(v.shape[0]):
-                gi = rows[j]  # [B, T, d]
-                gi.addcmul_(g, a[i]).addcmul_(q, br[i]).addcmul_(v[j], coef_v[i], value=-1)
+            for j, row in enumerate(range(s.start, s.stop, s.step or 1)):
+                gi = grads.get(row)  # [B, T, d], created by the first (latest) reader
+                if gi is None:
+                    gi = grads[row] = g * a[i]
+                else:
+                    gi.addcmul_(g, a[i])
+                gi.addcmul_(q, br[i]).addcmul_(v[j], coef_v[i], value=-1)
                 dq.addcmul_(v[j], br[i])
                 i += 1
-        return (_reduce_to(dq, q), None, None) + (None,) * (len(ctx.needs_input_grad) - 3)
+        dq = _reduce_to(dq, q)  # dL/dq~, in the shape of the query
+        scale = _acc(norm_weight) / math.sqrt(d)
+        d_raw = (dq * scale).to(raw_q.dtype)
+        d_w = ((dq * _acc(raw_q)).reshape(-1, d).sum(0) / math.sqrt(d)).to(norm_weight.dtype)
+        return (d_raw, d_w, None, None) + (None,) * (len(ctx.needs_input_grad) - 4)
 
 
 class Storage:
     """The buffers of one forward pass: history ``[L+1, B, T, d]``, inverse RMS ``[L+1, B, T]``
-    and, in the backward pass, the gradient buffer. The autograd contexts hold this object and
-    nothing that points back into the graph, so the buffers are freed with the graph (a
-    context holding the tokens would form a reference cycle through autograd and leak)."""
+    and, in the backward pass, the pending gradients ``dL/dv_l`` (``[B, T, d]`` each, created
+    by the first reader to reach row ``l`` and handed to ``v_l`` by its writer, so only the
+    rows between a reader and their writer are alive: for chunked routing about ``L/S + S``
+    of the ``L+1``). The autograd contexts hold this object and nothing that points back into
+    the graph, so the buffers are freed with the graph (a context holding the tokens would
+    form a reference cycle through autograd and leak)."""
 
     def __init__(self, v0: Tensor, num_sublayers: int, eps: float):
         B, T, d = v0.shape
@@ -151,17 +165,12 @@ class Storage:
         self.eps = eps
         self.buf = v0.new_empty((num_sublayers + 1, B, T, d), dtype=dtype)
         self.rstd = v0.new_empty((num_sublayers + 1, B, T), dtype=dtype)
-        self.grad: Tensor | None = None
+        self.grads: dict[int, Tensor] = {}
 
     def write(self, v: Tensor, l: int) -> None:
         with torch.no_grad():
             self.buf[l].copy_(v)
             self.rstd[l] = torch.rsqrt(self.buf[l].square().mean(-1) + self.eps)
-
-    def grad_buffer(self) -> Tensor:
-        if self.grad is None:
-            self.grad = torch.zeros_like(self.buf)
-        return self.grad
 
 
 class History:
@@ -187,8 +196,8 @@ class History:
 
     def read(self, k: int, raw_query: Tensor, norm_weight: Tensor) -> Tensor:
         """Input of aggregator ``k`` (0-indexed), ``[B, T, d]`` (at least float32)."""
-        h, alpha = _Read.apply(fold_query(raw_query, norm_weight), self.storage,
-                               self.slices[k], self.tokens[-1])
+        h, alpha = _Read.apply(raw_query, norm_weight, self.storage, self.slices[k],
+                               self.tokens[-1])
         self.weights.append(alpha)
         return h
 
