@@ -6,8 +6,8 @@ For each installed backend and each preset (``tiny`` batch 64; ``SiT-S/2`` on 32
 batch 8), residual and DAR (static, static_t, dynamic x chunk 1, 4, 8) steps run interleaved
 in one process; medians and ratios to residual are reported. Peak memory of a training step is
 measured in a fresh process (``mem_probe``): XLA's temporary-buffer assignment for JAX, the
-allocator's peak above the resident state for MLX, and the growth of the peak resident memory
-over 2 steps for PyTorch on CPU. MLX's SiT-S/2 rows need its GPU (Apple silicon): on its
+allocator's peak above the resident state for MLX and for PyTorch on CUDA, the reset peak-RSS
+mark for PyTorch on CPU. MLX's SiT-S/2 rows need its GPU (Apple silicon): on its
 reference CPU kernels one such step takes over a minute.
 Writes ``benchmarks/results/overhead.{json,md}``.
 """
@@ -63,11 +63,8 @@ def run_backend(name: str, reps: int, quick: bool, memory: bool) -> list[dict]:
         mem = {}
         if memory:
             for k, c in cfgs.items():
-                args = ["-m", "benchmarks.mem_probe", name, c.to_json(), str(spec["batch"])]
-                if hasattr(cases, "peak_memory_mb"):
-                    mem[k] = probe_mb(args + ["0"])
-                else:  # peak RSS growth over 2 training steps
-                    mem[k] = probe_mb(args + ["2"]) - probe_mb(args + ["0"])
+                mem[k] = probe_mb(["-m", "benchmarks.mem_probe", name, c.to_json(),
+                                   str(spec["batch"])])
         for k in cfgs:
             rows.append({
                 "backend": name, "preset": preset, "batch": spec["batch"], "variant": k,

@@ -1,25 +1,17 @@
 """Peak memory of one config's training step in a fresh process, printed in MB.
 
-    python -m benchmarks.mem_probe <backend> '<ModelConfig JSON>' <batch> <steps>
+    python -m benchmarks.mem_probe <backend> '<ModelConfig JSON>' <batch>
 
-A backend's cases module may measure it itself (``peak_memory_mb``: XLA's buffer assignment
-for JAX, the allocator's statistics for MLX); otherwise the process runs ``steps`` training
-steps and prints its peak resident memory, and the caller subtracts a 0-step run.
+Each backend's cases module measures it (``peak_memory_mb``): XLA's buffer assignment for
+JAX, the allocator's statistics for MLX and CUDA, the reset peak-RSS mark for PyTorch on CPU.
+A fresh process keeps one measurement's allocator state and settings out of the next.
 """
 
 import importlib
-import resource
 import sys
 
 from dar_core.config import ModelConfig
 
-backend, cfg_json, batch, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+backend, cfg_json, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
 cases = importlib.import_module(f"benchmarks.{backend}_cases")
-cfg = ModelConfig.from_json(cfg_json)
-if hasattr(cases, "peak_memory_mb"):
-    print(cases.peak_memory_mb(cfg, batch))
-else:
-    step = cases.train_step(cfg, batch)
-    for _ in range(steps):
-        step()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+print(cases.peak_memory_mb(ModelConfig.from_json(cfg_json), batch))
