@@ -9,7 +9,8 @@ measured in a fresh process (``mem_probe``): XLA's temporary-buffer assignment f
 allocator's peak above the resident state for MLX and for PyTorch on CUDA, the reset peak-RSS
 mark for PyTorch on CPU. MLX's SiT-S/2 rows need its GPU (Apple silicon): on its
 reference CPU kernels one such step takes over a minute.
-Writes ``benchmarks/results/overhead.{json,md}``.
+Each backend runs in a fresh process of its own (in one process the frameworks' thread pools
+and allocators disturb each other's timings). Writes ``benchmarks/results/overhead.{json,md}``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import json
+import subprocess
+import sys
 
 from benchmarks.common import interleaved, machine, md_table, probe_mb, write
 from dar_core.config import RoutingConfig, model_config
@@ -52,7 +56,8 @@ def run_backend(name: str, reps: int, quick: bool, memory: bool) -> list[dict]:
     rows = []
     for preset, spec in PRESETS.items():
         if preset != "tiny" and not getattr(cases, "gpu_available", lambda: True)():
-            print(f"{name} {preset}: skipped (no GPU: {cases.gpu_available.__doc__})")
+            print(f"{name} {preset}: skipped (no GPU: {cases.gpu_available.__doc__})",
+                  file=sys.stderr)
             continue
         cfgs = {k: model_config(spec["name"], routing=r, **spec["overrides"])
                 for k, r in variants(quick).items()}
@@ -74,7 +79,8 @@ def run_backend(name: str, reps: int, quick: bool, memory: bool) -> list[dict]:
                 "mem_mb": mem.get(k), "mem_ratio": (mem[k] / mem["residual"]) if mem else None,
             })
         print(f"{name} {preset}: " + ", ".join(
-            f"{r['variant']} x{r['train_ratio']:.2f}" for r in rows if r["preset"] == preset))
+            f"{r['variant']} x{r['train_ratio']:.2f}" for r in rows if r["preset"] == preset),
+            file=sys.stderr)
     return rows
 
 
@@ -116,10 +122,18 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="fewer variants")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # measure one backend, print JSON rows
     args = ap.parse_args()
+    if args.one:
+        print(json.dumps(run_backend(args.one, args.reps, args.quick, not args.no_memory)))
+        return
     rows = []
-    for name in installed(args.backends.split(",")):
-        rows += run_backend(name, args.reps, args.quick, not args.no_memory)
+    for name in installed(args.backends.split(",")):  # each backend in a fresh process
+        flags = ["--reps", str(args.reps)] + ["--quick"] * args.quick + [
+            "--no-memory"] * args.no_memory
+        out = subprocess.run([sys.executable, "-m", "benchmarks.bench_overhead", "--one", name,
+                              *flags], check=True, stdout=subprocess.PIPE, text=True)
+        rows += json.loads(out.stdout.strip().splitlines()[-1])
     targets = ", ".join(f"{k} ≤ {v}×" for k, v in TARGETS.items())
     md = (f"# DAR overhead over residual (medians of {args.reps} interleaved reps)\n\n"
           f"Machine: {machine()}\n\nTargets: {targets}; peak memory ≤ {MEMORY_TARGET}× "
