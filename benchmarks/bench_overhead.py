@@ -19,10 +19,9 @@ import argparse
 import importlib
 import importlib.util
 import json
-import subprocess
 import sys
 
-from benchmarks.common import interleaved, machine, md_table, probe_mb, write
+from benchmarks.common import interleaved, machine, md_table, probe_mb, rows_in_fresh_process, write
 from dar_core.config import RoutingConfig, model_config
 
 PRESETS = {
@@ -131,9 +130,7 @@ def main() -> None:
     for name in installed(args.backends.split(",")):  # each backend in a fresh process
         flags = ["--reps", str(args.reps)] + ["--quick"] * args.quick + [
             "--no-memory"] * args.no_memory
-        out = subprocess.run([sys.executable, "-m", "benchmarks.bench_overhead", "--one", name,
-                              *flags], check=True, stdout=subprocess.PIPE, text=True)
-        rows += json.loads(out.stdout.strip().splitlines()[-1])
+        rows += rows_in_fresh_process("benchmarks.bench_overhead", name, flags)
     targets = ", ".join(f"{k} ≤ {v}×" for k, v in TARGETS.items())
     md = (f"# DAR overhead over residual (medians of {args.reps} interleaved reps)\n\n"
           f"Machine: {machine()}\n\nTargets: {targets}; peak memory ≤ {MEMORY_TARGET}× "

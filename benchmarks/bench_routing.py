@@ -13,11 +13,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import subprocess
 import sys
 
 from benchmarks.bench_overhead import installed
-from benchmarks.common import interleaved, machine, md_table, write
+from benchmarks.common import interleaved, machine, md_table, rows_in_fresh_process, write
 from dar_core.testing import rel_err
 
 SHAPES = [  # (sources N, batch, tokens, width)
@@ -50,11 +49,8 @@ def main() -> None:
         return
     rows = []
     for name in installed(args.backends.split(",")):  # each backend in a fresh process
-        out = subprocess.run([sys.executable, "-m", "benchmarks.bench_routing", "--one", name,
-                              "--reps", str(args.reps)], check=True, capture_output=True,
-                             text=True)
-        rows += json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{name}: done")
+        rows += rows_in_fresh_process("benchmarks.bench_routing", name,
+                                      ["--reps", str(args.reps)])
     body = [[r["backend"], r["N"], f"{r['B']}×{r['T']}×{r['d']}", f"{r['optimized_ms']:.2f}",
              f"{r['naive_ms']:.2f}", f"{r['speedup']:.2f}", f"{r['rel_err']:.1e}"] for r in rows]
     md = ("# Routing micro-benchmark (one aggregator, forward + backward)\n\n"

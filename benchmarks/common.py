@@ -39,6 +39,16 @@ def probe_mb(argv: list[str]) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def rows_in_fresh_process(module: str, backend: str, flags: list[str]) -> list[dict]:
+    """Run ``python -m <module> --one <backend> <flags>`` (a benchmark measuring one backend
+    and printing its rows as JSON on its last line) and return those rows. Each backend gets a
+    process of its own: in one process the frameworks' thread pools and allocators disturb
+    each other's timings. Progress on stderr passes through."""
+    out = subprocess.run([sys.executable, "-m", module, "--one", backend, *flags], check=True,
+                         stdout=subprocess.PIPE, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def machine() -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(),
             "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()}
