@@ -12,7 +12,7 @@ import torch
 
 from dar_core.backends.torch import DARTransformer
 from dar_core.backends.torch.routing import History
-from dar_core.backends.torch.trainer import loss_fn
+from dar_core.backends.torch.trainer import ema_update, loss_fn, make_optimizer
 from dar_core.config import ModelConfig
 from dar_core.routing import route
 from dar_core.training import TrainConfig
@@ -37,8 +37,7 @@ def train_step(cfg: ModelConfig, batch_size: int, routing_impl: str = "history",
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     params = list(named.values())
     ema_params = [dict(ema.named_parameters())[n] for n in named]
-    opt = torch.optim.AdamW(params, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.adam_eps,
-                            weight_decay=tc.weight_decay)
+    opt = make_optimizer(params, tc)
     x, t, y = (a.to(device) for a in _batch(cfg, batch_size))
     batch = {"x": x, "t": t, "y": y, "noise": torch.randn_like(x)}
 
@@ -49,8 +48,7 @@ def train_step(cfg: ModelConfig, batch_size: int, routing_impl: str = "history",
         torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
         opt.step()
         with torch.no_grad():
-            torch._foreach_mul_(ema_params, tc.ema_decay)
-            torch._foreach_add_(ema_params, params, alpha=1.0 - tc.ema_decay)
+            ema_update(ema_params, params, tc.ema_decay)
 
     return step
 

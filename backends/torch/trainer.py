@@ -47,6 +47,18 @@ def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
     return (pred.float() - velocity_target(x, noise)).square().mean()
 
 
+def make_optimizer(params: list[torch.nn.Parameter], tc: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with the run's hyper-parameters."""
+    return torch.optim.AdamW(params, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.adam_eps,
+                             weight_decay=tc.weight_decay)
+
+
+def ema_update(ema_params: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
+    """``ema = decay * ema + (1 - decay) * param``, in place, for every pair."""
+    torch._foreach_mul_(ema_params, decay)
+    torch._foreach_add_(ema_params, params, alpha=1.0 - decay)
+
+
 class _Velocity(torch.nn.Module):
     """Routes DDP's ``forward`` to the unchecked ``velocity`` path (inputs come from the
     core's stream, already valid)."""
@@ -113,8 +125,7 @@ def _train(tc: TrainConfig, rank: int, world: int, device: torch.device) -> Path
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     params = list(named.values())
     ema_params = [dict(ema.named_parameters())[n] for n in named]
-    opt = torch.optim.AdamW(params, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.adam_eps,
-                            weight_decay=tc.weight_decay)
+    opt = make_optimizer(params, tc)
     if ckpt is not None:
         opt_state_from_numpy(opt, named, ckpt.opt)
 
@@ -137,8 +148,7 @@ def _train(tc: TrainConfig, rank: int, world: int, device: torch.device) -> Path
         opt.step()
         with torch.no_grad():
             decay = tc.ema_decay_at(step)
-            torch._foreach_mul_(ema_params, decay)
-            torch._foreach_add_(ema_params, params, alpha=1.0 - decay)
+            ema_update(ema_params, params, decay)
         if world > 1:
             loss = loss.detach().clone()
             dist.all_reduce(loss, op=dist.ReduceOp.AVG)
