@@ -1,10 +1,22 @@
-"""Sessions: tests, conformance, lint, demo (the README's main job), bench.
+"""Sessions: tests, conformance, lint, demo (the README's main job), bench, minimum.
 
 Environments are reused between runs (``reuse_venv``); every install goes through
-``constraints.txt`` so CPU machines never pull CUDA wheels.
+``constraints.txt`` so CPU machines never pull CUDA wheels — except ``minimum``, which
+installs the lowest versions ``pyproject.toml`` declares (for torch, a CUDA build from the
+package index: a few GB on first use, cached by pip afterwards).
 """
 
+from __future__ import annotations
+
+from pathlib import Path
+
 import nox
+from packaging.requirements import Requirement
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: nox itself depends on tomli there
+    import tomli as tomllib
 
 nox.options.reuse_venv = "yes"
 nox.options.sessions = ["lint", "tests", "conformance"]
@@ -42,6 +54,34 @@ def demo(session: nox.Session) -> None:
     install(session, "torch")
     session.run("python", "examples/torch_cuda.py", "--device", "cpu", "--out", "runs/demo",
                 *session.posargs)
+
+
+def lower_bounds(pyproject: Path = Path("pyproject.toml")) -> list[str]:
+    """``name==X`` for every ``name>=X`` that pyproject.toml declares (its markers kept), so
+    that installing against them tests the lowest direct versions the project admits."""
+    project = tomllib.loads(pyproject.read_text())["project"]
+    reqs = list(project["dependencies"])
+    for extra in project["optional-dependencies"].values():
+        reqs += extra
+    pins: dict[str, str] = {}
+    for text in reqs:
+        req = Requirement(text)
+        for spec in req.specifier:
+            if spec.operator == ">=":
+                marker = f"; {req.marker}" if req.marker else ""
+                pins[f"{req.name}{marker}"] = f"{req.name}=={spec.version}{marker}"
+    return sorted(pins.values())
+
+
+@nox.session
+def minimum(session: nox.Session) -> None:
+    """Unit tests with the lowest direct dependency versions pyproject.toml declares."""
+    pins = Path(session.create_tmp()) / "lower-bounds.txt"
+    pins.write_text("\n".join(lower_bounds()) + "\n")
+    session.log("lower bounds:\n" + pins.read_text())
+    session.install("-e", ".[all]", "-c", str(pins))
+    session.run("python", "-m", "pip", "list")
+    session.run("pytest", "tests", *session.posargs, env={"HYPOTHESIS_PROFILE": "ci"})
 
 
 @nox.session

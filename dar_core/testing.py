@@ -50,6 +50,14 @@ def assert_close(a: Any, b: Any, rtol: float, what: str = "value") -> float:
     return err
 
 
+def ulp_tol(ops: float, dtype: Any = np.float64) -> float:
+    """Round-off bound of ``ops`` rounded operations in ``dtype``: ``ops * eps`` — the standard
+    first-order bound for a chain or a recursive sum of ``ops`` operations (each rounding
+    contributes at most one unit roundoff ``eps / 2``; the factor 2 covers the two sides of a
+    comparison computed in different orders). Multiply by the magnitude of the terms."""
+    return float(ops) * float(np.finfo(dtype).eps)
+
+
 def cosine(a: Any, b: Any) -> float:
     a = np.asarray(a, dtype=np.float64).ravel()
     b = np.asarray(b, dtype=np.float64).ravel()

@@ -12,6 +12,7 @@ from benchmarks.convergence_analysis import (
     iters_to_reach,
     report,
 )
+from dar_core.testing import ulp_tol
 
 
 def test_isotonic_fit_is_the_pooled_nonincreasing_curve():
@@ -29,7 +30,12 @@ def test_iters_to_reach_interpolates_in_log_log():
     fd = 50.0 * np.asarray(steps, float) ** -0.5  # a power law is a line in log-log
     for n in (130.0, 250.0, 777.0):
         got, lower = iters_to_reach(steps, np.log(fd), 50.0 * n**-0.5)
-        assert got == pytest.approx(n, rel=1e-9) and lower == "interpolated"
+        # a line in log-log: log n = log s0 + (y - y0) / (y1 - y0) * (log s1 - log s0); each
+        # log is good to eps of its size, and the difference quotient loses |y| / |y1 - y0|
+        y, y0, y1 = np.log(50.0 * n**-0.5), np.log(fd[0]), np.log(fd[-1])
+        cancel = (abs(y) + abs(y0)) / (abs(y1 - y0) / (len(steps) - 1))
+        rel = ulp_tol(8 * (1 + cancel) * np.log(steps[-1]))
+        assert got == pytest.approx(n, rel=rel) and lower == "interpolated"
     assert iters_to_reach(steps, np.log(fd), 100.0) == (100.0, "lower_bound")
     n, how = iters_to_reach(steps, np.log(fd), 50.0 * 1600**-0.5)  # past the budget
     assert n == pytest.approx(1600, rel=1e-6) and how == "extrapolated"

@@ -48,7 +48,10 @@ def test_two_process_ring_launch_matches_one_process(tmp_path):
                      out=str(tmp_path / "dp"))
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    res = subprocess.run([launch, "-n", "2", "--backend", "ring", sys.executable, str(script),
+    # --python names the interpreter for every MLX release: older launchers prepend it to a
+    # script by default, newer ones run the command as given unless it is set
+    res = subprocess.run([launch, "-n", "2", "--backend", "ring", "--python", sys.executable,
+                          str(script),
                           json.dumps(dataclasses.asdict(tc))],
                          capture_output=True, text=True, timeout=240)
     log = res.stdout + res.stderr

@@ -9,7 +9,7 @@ from dar_core.config import RoutingConfig, model_config
 from dar_core.errors import InputError
 from dar_core.reference import Trace, forward, layer_norm, patchify, unpatchify
 from dar_core.schema import init_params, random_params
-from dar_core.testing import rel_err
+from dar_core.testing import rel_err, ulp_tol
 from dar_core.timestep import timestep_embedding
 
 
@@ -46,7 +46,8 @@ def test_dense_zero_query_dar_equals_residual(query, seed, depth):
     tr = Trace()
     forward(p_dar, dar, x, t, y, trace=tr)
     for w, idx in zip(tr.weights, tr.sources):
-        np.testing.assert_allclose(w, 1.0 / len(idx), rtol=1e-12)
+        # zero queries give exactly zero logits: each weight is 1/n correctly rounded
+        np.testing.assert_allclose(w, 1.0 / len(idx), rtol=ulp_tol(0.5), atol=0)
 
 
 def test_dense_zero_query_gap_is_the_layernorm_eps():
@@ -91,7 +92,8 @@ def test_weights_sum_to_one_in_every_aggregator():
     forward(random_params(cfg, 1), cfg, *_batch(cfg), trace=tr)
     assert len(tr.weights) == cfg.num_sublayers + 1
     for w in tr.weights:
-        np.testing.assert_allclose(w.sum(0), 1.0, atol=1e-12)
+        # each weight carries ~(n + 1) roundings, and n of them are summed
+        np.testing.assert_allclose(w.sum(0), 1.0, rtol=0, atol=ulp_tol(2 * len(w)))
 
 
 def test_patchify_unpatchify_round_trip():
