@@ -22,7 +22,7 @@ import json
 import sys
 
 from benchmarks.common import interleaved, machine, md_table, probe_mb, rows_in_fresh_process, write
-from dar_core.config import RoutingConfig, model_config
+from dar_core.spec.config import RoutingConfig, model_config
 
 PRESETS = {
     "tiny": dict(name="tiny", batch=64, overrides=dict(input_size=16, in_channels=3,

@@ -1,5 +1,5 @@
 """Routing micro-benchmark: one aggregator over N sources, forward + backward, optimized vs
-the naive four-pass form (``dar_core.routing.route`` on re-stacked sources), per backend.
+the naive four-pass form (``dar_core.spec.routing.route`` on re-stacked sources), per backend.
 
     python -m benchmarks.bench_routing [--backends torch,jax,mlx] [--reps 20]
 

@@ -9,7 +9,7 @@ seeds each, the same data stream per seed in every arm. Each run trains in segme
 log-spaced evaluation steps (``budget / sqrt(2)^k``), resuming from its own checkpoint, so a
 segmented run is bit-identical to an uninterrupted one and an interrupted study resumes where
 it stopped. After each segment the EMA weights are scored with the fixed protocol of
-``dar_core.evaluation`` (common random numbers: the same noise and labels for every
+``dar_core.evaluation.protocol`` (common random numbers: the same noise and labels for every
 checkpoint). ``benchmarks.convergence_analysis`` then fits and compares the curves.
 
 Everything lands under ``--runs`` (checkpoints, per-run ``evals.jsonl``); the raw evaluation
@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import RESULTS, machine
-from dar_core.training import TrainConfig
+from dar_core.train.run import TrainConfig
 
 ARMS = {  # name -> TrainConfig routing fields
     "residual": dict(routing="residual"),
@@ -77,7 +77,7 @@ def run_arm(arm: str, seed: int, preset: str, runs: str, backend: str,
 
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     from dar_core.backend import load_backend
-    from dar_core.evaluation import evaluate_checkpoint
+    from dar_core.evaluation.protocol import evaluate_checkpoint
 
     spec = PRESETS[preset]
     base: TrainConfig = spec["train"]

@@ -185,7 +185,7 @@ def _raw_table(records: list[dict], arm: str, key: str, steps: list[int]) -> np.
 
 # -------------------------------------------------------------------------------- output
 def plot_quality(raw: dict, path: Path) -> None:
-    from dar_core.plots import pyplot, save_figure
+    from dar_core.io.plots import pyplot, save_figure
 
     plt = pyplot()
     steps = raw["eval_steps"]
@@ -234,7 +234,7 @@ def _step_ticks(ax, steps: list[int]) -> None:
 
 
 def plot_speedup(result: dict, path: Path) -> None:
-    from dar_core.plots import pyplot, save_figure
+    from dar_core.io.plots import pyplot, save_figure
 
     plt = pyplot()
     q = np.array(result["thresholds"])
@@ -405,7 +405,7 @@ def report(raw: dict, results: Path) -> dict:
 
 def final_diagnostics(raw: dict, runs: Path, out: Path) -> None:
     """``dar diagnose`` of the final checkpoint of seed 0 of every arm."""
-    from dar_core.diagnostics import diagnose, headline, write_report
+    from dar_core.diagnostics.symptoms import diagnose, headline, write_report
 
     last = raw["eval_steps"][-1]
     ckpts = [str(runs / f"{arm.replace(' ', '-')}-seed0" / "checkpoints"

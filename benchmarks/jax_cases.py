@@ -20,9 +20,9 @@ from dar_core.backends.jax.train import (
     replicate,
     shard_batch,
 )
-from dar_core.config import ModelConfig
-from dar_core.routing import route
-from dar_core.training import TrainConfig
+from dar_core.spec.config import ModelConfig
+from dar_core.spec.routing import route
+from dar_core.train.run import TrainConfig
 
 NAME = "jax"
 

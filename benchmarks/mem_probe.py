@@ -10,7 +10,7 @@ A fresh process keeps one measurement's allocator state and settings out of the 
 import importlib
 import sys
 
-from dar_core.config import ModelConfig
+from dar_core.spec.config import ModelConfig
 
 backend, cfg_json, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
 cases = importlib.import_module(f"benchmarks.{backend}_cases")

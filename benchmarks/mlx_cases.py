@@ -11,10 +11,10 @@ import numpy as np
 from dar_core.backends.mlx.model import DARTransformer
 from dar_core.backends.mlx.routing import route as route_list
 from dar_core.backends.mlx.train import TrainStep, make_optimizer
-from dar_core.config import ModelConfig
-from dar_core.routing import route
-from dar_core.schema import trainable_names
-from dar_core.training import TrainConfig
+from dar_core.spec.config import ModelConfig
+from dar_core.spec.routing import route
+from dar_core.spec.schema import trainable_names
+from dar_core.train.run import TrainConfig
 
 NAME = "mlx"
 

@@ -13,9 +13,9 @@ import torch
 from dar_core.backends.torch import DARTransformer
 from dar_core.backends.torch.routing import History
 from dar_core.backends.torch.trainer import ema_update, loss_fn, make_optimizer
-from dar_core.config import ModelConfig
-from dar_core.routing import route
-from dar_core.training import TrainConfig
+from dar_core.spec.config import ModelConfig
+from dar_core.spec.routing import route
+from dar_core.train.run import TrainConfig
 
 NAME = "torch"
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters

@@ -1,10 +1,11 @@
-"""Train the procedural-data evaluator and write ``dar_core/assets/evaluator-{size}.safetensors``.
+"""Train the procedural-data evaluator and write
+``dar_core/evaluation/assets/evaluator-{size}.safetensors``.
 
     python benchmarks/train_evaluator.py --image-size 16
     python benchmarks/train_evaluator.py --image-size 32
 
-The network is the architecture of ``dar_core.evaluator`` (3x3 convolutions, global average
-pool, a class head and one head per factor) with batch norm after each convolution during
+The network is the architecture of ``dar_core.evaluation.evaluator`` (3x3 convolutions, global
+average pool, a class head and one head per factor) with batch norm after each convolution during
 training; batch norm is folded into the convolution weights when the file is written, so the
 NumPy inference in the core is conv + bias + GELU only.
 
@@ -43,10 +44,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dar_core.checkpoint import atomic_write_bytes
-from dar_core.data import ProceduralDataset
-from dar_core.data.procedural import MAX_CLASSES
-from dar_core.evaluator import Evaluator, EvaluatorSpec
+from dar_core.evaluation.evaluator import Evaluator, EvaluatorSpec
+from dar_core.io.checkpoint import atomic_write_bytes
+from dar_core.io.data import ProceduralDataset
+from dar_core.io.data.procedural import MAX_CLASSES
 from dar_core.testing import rel_err
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,7 +57,7 @@ HELDOUT_N = 2000
 
 
 class TorchEvaluator(nn.Module):
-    """Training-time twin of ``dar_core.evaluator.Evaluator`` (plus batch norm)."""
+    """Training-time twin of ``dar_core.evaluation.evaluator.Evaluator`` (plus batch norm)."""
 
     def __init__(self, spec: EvaluatorSpec) -> None:
         super().__init__()
@@ -147,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
 
     size = args.image_size
     steps = args.steps or (1500 if size == 16 else 1000)
-    out_path = args.out or REPO / "dar_core" / "assets" / f"evaluator-{size}.safetensors"
+    out_path = args.out or (REPO / "dar_core" / "evaluation" / "assets"
+                            / f"evaluator-{size}.safetensors")
 
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True)

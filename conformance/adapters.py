@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 
 from dar_core.backend import BACKENDS
-from dar_core.config import ModelConfig
-from dar_core.interpolant import interpolate, velocity_target
-from dar_core.schema import NON_TRAINABLE
+from dar_core.spec.config import ModelConfig
+from dar_core.spec.interpolant import interpolate, velocity_target
+from dar_core.spec.schema import NON_TRAINABLE
 
 
 def _installed(name: str) -> bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dar_core.reference import (
+from dar_core.spec.reference import (
     attention,
     layer_norm,
     linear,
@@ -16,14 +16,14 @@ from dar_core.reference import (
     silu,
     unpatchify,
 )
-from dar_core.timestep import timestep_embedding
+from dar_core.spec.timestep import timestep_embedding
 
 
 def dit_forward(p: dict, cfg, x: np.ndarray, t: np.ndarray, y: np.ndarray, *,
                 mean_inputs: bool = False) -> np.ndarray:
     """The plain DiT. ``mean_inputs`` feeds every sublayer (and the final layer) the stream
     divided by the number of outputs summed into it, ``LayerNorm(sum / n)``: what dense DAR
-    with zero queries computes (spec section 5)."""
+    with zero queries computes (docs/spec.md §7)."""
     p = {k: np.asarray(v, np.float64) for k, v in p.items()}
     d = cfg.hidden_size
     h = patchify(x.astype(np.float64), cfg.patch_size) @ p["x_embedder.proj.weight"].reshape(

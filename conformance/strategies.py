@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import strategies as st
 
-from dar_core.config import ModelConfig, RoutingConfig
+from dar_core.spec.config import ModelConfig, RoutingConfig
 
 
 @st.composite

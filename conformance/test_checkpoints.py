@@ -7,12 +7,12 @@ import pytest
 from conformance.adapters import requested_backends
 from conformance.conftest import get_adapter, record
 from conformance.tolerances import tol
-from dar_core.checkpoint import load_checkpoint, save_checkpoint
-from dar_core.config import RoutingConfig, model_config
-from dar_core.reference import forward
-from dar_core.schema import random_params
+from dar_core.io.checkpoint import load_checkpoint, save_checkpoint
+from dar_core.spec.config import RoutingConfig, model_config
+from dar_core.spec.reference import forward
+from dar_core.spec.schema import random_params
 from dar_core.testing import rel_err
-from dar_core.training import TrainConfig
+from dar_core.train.run import TrainConfig
 
 PROBE_T = 0.6
 

@@ -11,9 +11,9 @@ from conformance.conftest import record
 from conformance.plain_dit import dit_forward
 from conformance.strategies import batches, model_configs, param_scales, param_seeds
 from conformance.tolerances import WELL_CONDITIONED, forward_tol, sensitivity, tol
-from dar_core.config import RoutingConfig, model_config
-from dar_core.reference import forward
-from dar_core.schema import init_params, random_params
+from dar_core.spec.config import RoutingConfig, model_config
+from dar_core.spec.reference import forward
+from dar_core.spec.schema import init_params, random_params
 from dar_core.testing import cosine, rel_err
 
 

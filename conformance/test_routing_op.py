@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from conformance.conftest import record
 from conformance.tolerances import route_grad_scales, tol
-from dar_core.routing import route
+from dar_core.spec.routing import route
 from dar_core.testing import rel_err
 
 

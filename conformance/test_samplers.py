@@ -5,10 +5,10 @@ import pytest
 
 from conformance.conftest import record
 from conformance.tolerances import tol
-from dar_core.config import RoutingConfig, model_config
-from dar_core.reference import forward
-from dar_core.samplers import sample
-from dar_core.schema import random_params
+from dar_core.sampling.samplers import sample
+from dar_core.spec.config import RoutingConfig, model_config
+from dar_core.spec.reference import forward
+from dar_core.spec.schema import random_params
 from dar_core.testing import rel_err
 
 CASES = [("euler", 1.0), ("heun", 1.0), ("sde", 1.0), ("heun", 2.5)]

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from dar_core.backend import BACKENDS, load_backend
-from dar_core.diagnostics import DEFAULT_TIMESTEPS
+from dar_core.diagnostics.symptoms import DEFAULT_TIMESTEPS
 from dar_core.errors import DARError
-from dar_core.samplers import SAMPLERS
-from dar_core.training import TrainConfig
+from dar_core.sampling.samplers import SAMPLERS
+from dar_core.train.run import TrainConfig
 
 
 def _add_config_flags(p: argparse.ArgumentParser, cls: type) -> None:
@@ -90,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_eval(args: argparse.Namespace) -> None:
     import json
 
-    from dar_core.checkpoint import atomic_write_bytes
-    from dar_core.evaluation import evaluate_checkpoint
+    from dar_core.evaluation.protocol import evaluate_checkpoint
+    from dar_core.io.checkpoint import atomic_write_bytes
 
     results = []
     for ck in args.checkpoint:
@@ -108,7 +108,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_diagnose(args: argparse.Namespace) -> None:
-    from dar_core.diagnostics import diagnose, headline, write_report
+    from dar_core.diagnostics.symptoms import diagnose, headline, write_report
 
     result = diagnose(args.checkpoint, tuple(args.timesteps), n=args.n, backend=args.backend,
                       weights=args.weights)
@@ -127,7 +127,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from dar_core.sampling import sample_checkpoint
+    from dar_core.sampling.from_checkpoint import sample_checkpoint
 
     out = args.out or str(Path(args.checkpoint).with_suffix("")) + f"-{args.sampler}.png"
     images, labels = sample_checkpoint(

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from dar_core.config import ModelConfig, RoutingConfig
+from dar_core.spec.config import ModelConfig, RoutingConfig
 
 # The routing variants every backend's forward is checked on against the reference: the
 # baseline, dense, chunked, without the final aggregator, and chunk sizes that do not divide

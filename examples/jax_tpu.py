@@ -47,8 +47,8 @@ def main() -> None:
 
     from dar_core.backends.jax import train
     from dar_core.backends.jax.train import initialize_distributed
-    from dar_core.sampling import sample_checkpoint
-    from dar_core.training import TrainConfig
+    from dar_core.sampling.from_checkpoint import sample_checkpoint
+    from dar_core.train.run import TrainConfig
 
     initialize_distributed()
     platform = jax.default_backend() if args.device == "auto" else args.device

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from dar_core.training import TrainConfig
+from dar_core.train.run import TrainConfig
 
 # Preset per device: model, data, schedule, precision, cadence, sample grid, lr and EMA.
 APPLE_GPU = dict(model="SiT-S/2", image_size=32, batch_size=128, steps=4000, precision="bf16",

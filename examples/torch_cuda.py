@@ -16,8 +16,8 @@ import dataclasses
 import torch
 
 from dar_core.backends.torch import train
-from dar_core.sampling import sample_checkpoint
-from dar_core.training import TrainConfig, env_rank_world
+from dar_core.sampling.from_checkpoint import sample_checkpoint
+from dar_core.train.run import TrainConfig, env_rank_world
 
 PRESETS = {
     # A GPU run: SiT-S/2 on 32x32 images, bf16 autocast, compiled.

@@ -7,10 +7,10 @@ import time
 import numpy as np
 import pytest
 
-from dar_core.checkpoint import load_checkpoint, read_header, save_checkpoint
-from dar_core.config import RoutingConfig, model_config
 from dar_core.errors import CheckpointError
-from dar_core.schema import init_params, random_params
+from dar_core.io.checkpoint import load_checkpoint, read_header, save_checkpoint
+from dar_core.spec.config import RoutingConfig, model_config
+from dar_core.spec.schema import init_params, random_params
 
 
 def test_round_trip_is_bit_exact(tmp_path):
@@ -67,9 +67,9 @@ def test_save_rejects_wrong_params(tmp_path):
 
 WRITER = r"""
 import os, sys, time, numpy as np
-import dar_core.checkpoint as ck
-from dar_core.config import model_config
-from dar_core.schema import init_params
+import dar_core.io.checkpoint as ck
+from dar_core.spec.config import model_config
+from dar_core.spec.schema import init_params
 real_fsync = os.fsync
 def slow_fsync(fd):
     open(sys.argv[2], "w").close()   # tell the parent the temp file is being written

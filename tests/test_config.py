@@ -1,9 +1,9 @@
 import pytest
 
-from dar_core.config import ModelConfig, RoutingConfig, model_config, preset_names
 from dar_core.errors import ConfigError
-from dar_core.schema import count_params, param_shapes
-from dar_core.training import TrainConfig
+from dar_core.spec.config import ModelConfig, RoutingConfig, model_config, preset_names
+from dar_core.spec.schema import count_params, param_shapes
+from dar_core.train.run import TrainConfig
 
 
 @pytest.mark.parametrize("name,depth,hidden,heads", [

@@ -1,4 +1,4 @@
-"""Tests for dar_core.data: the procedural dataset and the folder-of-shards loader."""
+"""Tests for dar_core.io.data: the procedural dataset and the folder-of-shards loader."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dar_core.data import FolderDataset, ProceduralDataset, make_dataset
-from dar_core.data.procedural import MAX_CLASSES, SHAPES, TEXTURES, save_class_grid
 from dar_core.errors import ConfigError, InputError
+from dar_core.io.data import FolderDataset, ProceduralDataset, make_dataset
+from dar_core.io.data.procedural import MAX_CLASSES, SHAPES, TEXTURES, save_class_grid
 
 # --------------------------------------------------------------------------- procedural
 

@@ -8,11 +8,11 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from dar_core.backends.torch import DARTransformer, measure  # noqa: E402
-from dar_core.checkpoint import save_checkpoint  # noqa: E402
 from dar_core.cli import main  # noqa: E402
-from dar_core.config import RoutingConfig, model_config  # noqa: E402
-from dar_core.diagnostics import block_state_indices, diagnose, eval_batch  # noqa: E402
-from dar_core.schema import random_params  # noqa: E402
+from dar_core.diagnostics.symptoms import block_state_indices, diagnose, eval_batch  # noqa: E402
+from dar_core.io.checkpoint import save_checkpoint  # noqa: E402
+from dar_core.spec.config import RoutingConfig, model_config  # noqa: E402
+from dar_core.spec.schema import random_params  # noqa: E402
 
 
 def _ckpt(tmp_path, routing, name):

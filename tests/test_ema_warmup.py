@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from dar_core.backend import BACKENDS, is_installed, load_backend
-from dar_core.checkpoint import load_checkpoint
 from dar_core.errors import ConfigError
-from dar_core.schema import init_params
-from dar_core.training import TrainConfig
+from dar_core.io.checkpoint import load_checkpoint
+from dar_core.spec.schema import init_params
+from dar_core.train.run import TrainConfig
 
 
 def test_decay_schedule():

@@ -16,9 +16,9 @@ import pytest
 pytest.importorskip("jax")
 pytest.importorskip("optax")
 
-from dar_core.checkpoint import load_checkpoint  # noqa: E402
-from dar_core.schema import init_params  # noqa: E402
-from dar_core.training import TrainConfig  # noqa: E402
+from dar_core.io.checkpoint import load_checkpoint  # noqa: E402
+from dar_core.spec.schema import init_params  # noqa: E402
+from dar_core.train.run import TrainConfig  # noqa: E402
 
 # The step settings of examples/jax_tpu.py's CPU preset, so that its test reuses compiled code.
 TRAIN = dict(model="micro", batch_size=8, lr=1e-3, ema_decay=0.99, sample_every=1000,
@@ -27,7 +27,7 @@ TRAIN = dict(model="micro", batch_size=8, lr=1e-3, ema_decay=0.99, sample_every=
 # Trains one run from a JSON TrainConfig; prints how many times the step was traced.
 RUN_SCRIPT = textwrap.dedent("""
     import json, sys
-    from dar_core.training import TrainConfig
+    from dar_core.train.run import TrainConfig
     from dar_core.backends.jax import train
     from dar_core.backends.jax.train import TRACE_COUNTS
     train(TrainConfig(**json.loads(sys.argv[1])))
@@ -40,7 +40,7 @@ TWO_DEVICE_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec
-    from dar_core.training import TrainConfig, TrainStream, make_train_dataset
+    from dar_core.train.run import TrainConfig, TrainStream, make_train_dataset
     from dar_core.backends.jax import train
     from dar_core.backends.jax.train import (TRACE_COUNTS, initial_state, make_mesh,
         make_optimizer, make_train_step, replicate, shard_batch)

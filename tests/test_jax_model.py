@@ -9,15 +9,15 @@ pytest.importorskip("optax")
 
 import jax.numpy as jnp  # noqa: E402
 
-from dar_core import reference  # noqa: E402
 from dar_core.backends.jax import DARTransformer, velocity_model  # noqa: E402
 from dar_core.backends.jax import model as jax_model  # noqa: E402
 from dar_core.backends.jax.model import forward  # noqa: E402
 from dar_core.backends.jax.routing import History  # noqa: E402
-from dar_core.config import model_config  # noqa: E402
 from dar_core.errors import CheckpointError, ConfigError, InputError  # noqa: E402
-from dar_core.routing import route, source_sets  # noqa: E402
-from dar_core.schema import init_params, param_shapes, random_params, router_prefixes  # noqa: E402
+from dar_core.spec import reference  # noqa: E402
+from dar_core.spec.config import model_config  # noqa: E402
+from dar_core.spec.routing import route, source_sets  # noqa: E402
+from dar_core.spec.schema import init_params, param_shapes, random_params, router_prefixes  # noqa: E402
 from dar_core.testing import PARITY_VARIANTS, parity_inputs, rel_err  # noqa: E402
 
 VARIANTS = PARITY_VARIANTS

@@ -29,11 +29,11 @@ from dar_core.backends.jax.train import (  # noqa: E402
     replicate,
     shard_batch,
 )
-from dar_core.checkpoint import load_checkpoint  # noqa: E402
 from dar_core.errors import CheckpointError, NonFiniteLossError  # noqa: E402
-from dar_core.schema import random_params, trainable_names  # noqa: E402
+from dar_core.io.checkpoint import load_checkpoint  # noqa: E402
+from dar_core.spec.schema import random_params, trainable_names  # noqa: E402
 from dar_core.testing import rel_err  # noqa: E402
-from dar_core.training import TrainConfig, TrainStream, make_train_dataset  # noqa: E402
+from dar_core.train.run import TrainConfig, TrainStream, make_train_dataset  # noqa: E402
 
 # Reference computations compile quickly (LLVM optimization level 0): they run once.
 QUICK = {"xla_backend_optimization_level": 0}

@@ -10,13 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dar_core.checkpoint import save_checkpoint
-from dar_core.config import model_config
-from dar_core.data import ProceduralDataset
 from dar_core.errors import CheckpointError, ConfigError, InputError
-from dar_core.evaluation import evaluate_checkpoint, protocol_inputs, sample_protocol
-from dar_core.evaluator import Evaluator, EvaluatorSpec, conv3x3, gelu_tanh, weights_path
-from dar_core.metrics import (
+from dar_core.evaluation.evaluator import Evaluator, EvaluatorSpec, conv3x3, gelu_tanh, weights_path
+from dar_core.evaluation.metrics import (
     conditional_accuracy,
     factor_accuracy,
     frechet_distance,
@@ -25,7 +21,11 @@ from dar_core.metrics import (
     kid,
     quality_report,
 )
-from dar_core.schema import init_params, random_params
+from dar_core.evaluation.protocol import evaluate_checkpoint, protocol_inputs, sample_protocol
+from dar_core.io.checkpoint import save_checkpoint
+from dar_core.io.data import ProceduralDataset
+from dar_core.spec.config import model_config
+from dar_core.spec.schema import init_params, random_params
 from dar_core.testing import ulp_tol
 
 # --------------------------------------------------------------------------- helpers
@@ -76,7 +76,8 @@ def heldout16():
 
 
 def test_modules_import_no_framework():
-    code = ("import sys, dar_core.evaluator, dar_core.metrics, dar_core.evaluation; "
+    code = ("import sys, dar_core.evaluation.evaluator, dar_core.evaluation.metrics, "
+            "dar_core.evaluation.protocol; "
             "print(sorted(m for m in ('torch', 'jax', 'mlx') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -419,7 +420,7 @@ def test_dar_eval_cli(tmp_path):
     import json
 
     from dar_core.cli import main
-    from dar_core.schema import init_params
+    from dar_core.spec.schema import init_params
 
     cfg = model_config("micro", input_size=16)
     ck = save_checkpoint(tmp_path / "c.safetensors", cfg, init_params(cfg), meta={"step": 0})

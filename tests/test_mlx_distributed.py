@@ -16,15 +16,15 @@ import pytest
 pytest.importorskip("mlx.core")
 
 from dar_core.backends.mlx import train  # noqa: E402
-from dar_core.checkpoint import load_checkpoint  # noqa: E402
-from dar_core.schema import init_params  # noqa: E402
+from dar_core.io.checkpoint import load_checkpoint  # noqa: E402
+from dar_core.spec.schema import init_params  # noqa: E402
 from dar_core.testing import assert_close  # noqa: E402
-from dar_core.training import TrainConfig  # noqa: E402
+from dar_core.train.run import TrainConfig  # noqa: E402
 
 CHILD = """
 import json, sys
 import mlx.core as mx
-from dar_core.training import TrainConfig
+from dar_core.train.run import TrainConfig
 from dar_core.backends.mlx import train
 train(TrainConfig(**json.loads(sys.argv[1])))
 g = mx.distributed.init()

@@ -11,14 +11,14 @@ nn = pytest.importorskip("mlx.nn")
 
 from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
-from dar_core import reference  # noqa: E402
 from dar_core.backends.mlx import DARTransformer, velocity_model  # noqa: E402
 from dar_core.backends.mlx.routing import route as mlx_route  # noqa: E402
-from dar_core.config import RoutingConfig, model_config  # noqa: E402
 from dar_core.errors import CheckpointError, ConfigError, InputError  # noqa: E402
-from dar_core.routing import route as core_route  # noqa: E402
-from dar_core.samplers import sample  # noqa: E402
-from dar_core.schema import (  # noqa: E402
+from dar_core.sampling.samplers import sample  # noqa: E402
+from dar_core.spec import reference  # noqa: E402
+from dar_core.spec.config import RoutingConfig, model_config  # noqa: E402
+from dar_core.spec.routing import route as core_route  # noqa: E402
+from dar_core.spec.schema import (  # noqa: E402
     param_shapes,
     pos_embed_2d,
     random_params,

@@ -16,13 +16,13 @@ import pytest
 pytest.importorskip("mlx.core")
 
 from dar_core.backends.mlx import train  # noqa: E402
-from dar_core.checkpoint import load_checkpoint  # noqa: E402
-from dar_core.training import TrainConfig  # noqa: E402
+from dar_core.io.checkpoint import load_checkpoint  # noqa: E402
+from dar_core.train.run import TrainConfig  # noqa: E402
 
 # The child trains normally; only its log call sleeps, so the kill lands mid-run.
 CHILD = """
 import json, sys, time
-from dar_core.training import Run, TrainConfig
+from dar_core.train.run import Run, TrainConfig
 from dar_core.backends.mlx import train
 log = Run.log
 def slow_log(self, *args, **kwargs):

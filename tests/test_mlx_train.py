@@ -23,11 +23,11 @@ from dar_core.backends.mlx.train import (  # noqa: E402
     opt_from_numpy,
     opt_to_numpy,
 )
-from dar_core.checkpoint import load_checkpoint  # noqa: E402
 from dar_core.errors import CheckpointError, NonFiniteLossError  # noqa: E402
-from dar_core.schema import param_shapes, trainable_names  # noqa: E402
+from dar_core.io.checkpoint import load_checkpoint  # noqa: E402
+from dar_core.spec.schema import param_shapes, trainable_names  # noqa: E402
 from dar_core.testing import assert_close  # noqa: E402
-from dar_core.training import Run, TrainConfig, TrainStream  # noqa: E402
+from dar_core.train.run import Run, TrainConfig, TrainStream  # noqa: E402
 
 
 def tiny_tc(tmp_path, **kw):
@@ -38,7 +38,7 @@ def tiny_tc(tmp_path, **kw):
     return TrainConfig(**base)
 
 
-def setup(tc, **model_kw):
+def build_step(tc, **model_kw):
     run = Run(tc, backend="mlx")
     model = DARTransformer(run.cfg, seed=tc.seed, **model_kw)
     opt = make_optimizer(tc)
@@ -82,8 +82,8 @@ def test_train_writes_run_folder_and_checkpoint_layout(tmp_path):
 
 def test_compiled_step_traces_once_and_matches_eager(tmp_path):
     tc = tiny_tc(tmp_path)
-    run, model, _, ema, step = setup(tc)
-    _, model_e, _, ema_e, eager = setup(tc.replace(compile=False))
+    run, model, _, ema, step = build_step(tc)
+    _, model_e, _, ema_e, eager = build_step(tc.replace(compile=False))
     for s in range(6):
         lc, nc = step(*batch(run, s))
         le, ne = eager(*batch(run, s))
@@ -99,7 +99,7 @@ def test_compiled_step_traces_once_and_matches_eager(tmp_path):
 def test_step_is_adamw_with_bias_correction_clipping_and_ema(tmp_path, clip):
     """Each optimizer step against a NumPy AdamW on the same gradients (clip 0 = off)."""
     tc = tiny_tc(tmp_path, lr=1e-2, weight_decay=0.1, grad_clip=clip, ema_decay=0.9)
-    run, model, opt, ema, step = setup(tc)
+    run, model, opt, ema, step = build_step(tc)
     vg = nn.value_and_grad(model, loss_fn)
     for s in range(2):
         args = batch(run, s)
@@ -132,7 +132,7 @@ def test_step_is_adamw_with_bias_correction_clipping_and_ema(tmp_path, clip):
 
 def test_memory_is_flat_over_steps(tmp_path):
     tc = tiny_tc(tmp_path)
-    run, _, _, _, step = setup(tc)
+    run, _, _, _, step = build_step(tc)
     peaks = []
     for s in range(40):
         args = batch(run, s)
@@ -146,8 +146,8 @@ def test_memory_is_flat_over_steps(tmp_path):
 
 def test_grad_checkpoint_gives_the_same_step(tmp_path):
     tc = tiny_tc(tmp_path)
-    run, model, _, _, step = setup(tc)
-    _, model_c, _, _, step_c = setup(tc, grad_checkpoint=True)
+    run, model, _, _, step = build_step(tc)
+    _, model_c, _, _, step_c = build_step(tc, grad_checkpoint=True)
     for s in range(2):
         step(*batch(run, s))
         step_c(*batch(run, s))
@@ -177,8 +177,8 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, 
 
 def test_bf16_trains_with_float32_master_weights_and_moments(tmp_path):
     tc = tiny_tc(tmp_path, precision="bf16")
-    run, model, opt, ema, step = setup(tc, dtype=mx.bfloat16)
-    _, _, _, _, step32 = setup(tc.replace(precision="fp32"))
+    run, model, opt, ema, step = build_step(tc, dtype=mx.bfloat16)
+    _, _, _, _, step32 = build_step(tc.replace(precision="fp32"))
     for s in range(3):
         loss, _ = step(*batch(run, s))
         loss32, _ = step32(*batch(run, s))
@@ -195,7 +195,7 @@ def test_bf16_trains_with_float32_master_weights_and_moments(tmp_path):
 
 def test_optimizer_state_round_trip_and_missing_keys(tmp_path):
     tc = tiny_tc(tmp_path)
-    run, model, opt, _, step = setup(tc)
+    run, model, opt, _, step = build_step(tc)
     step(*batch(run, 0))
     names = trainable_names(run.cfg)
     saved = opt_to_numpy(opt, names)

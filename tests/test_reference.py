@@ -5,12 +5,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dar_core.config import RoutingConfig, model_config
 from dar_core.errors import InputError
-from dar_core.reference import Trace, forward, layer_norm, patchify, unpatchify
-from dar_core.schema import init_params, random_params
+from dar_core.spec.config import RoutingConfig, model_config
+from dar_core.spec.reference import Trace, forward, layer_norm, patchify, unpatchify
+from dar_core.spec.schema import init_params, random_params
+from dar_core.spec.timestep import timestep_embedding
 from dar_core.testing import rel_err, ulp_tol
-from dar_core.timestep import timestep_embedding
 
 
 def _batch(cfg, seed=0, b=2):
@@ -30,9 +30,9 @@ def _zero_query_dense_from(res_params, cfg_dar):
 @pytest.mark.parametrize("query", ["static", "dynamic"])
 @given(seed=st.integers(0, 10_000), depth=st.integers(1, 4))
 def test_dense_zero_query_dar_equals_residual(query, seed, depth):
-    """Spec 5: dense DAR with zero queries feeds LayerNorm(mean) where the residual model feeds
-    LayerNorm(sum): the same function up to the LayerNorm eps. A pretrained residual model
-    maps onto dense DAR."""
+    """docs/spec.md §7: dense DAR with zero queries feeds LayerNorm(mean) where the residual
+    model feeds LayerNorm(sum): the same function up to the LayerNorm eps. A pretrained residual
+    model maps onto dense DAR."""
     res = model_config("micro", routing="residual", depth=depth)
     dar = res.replace(routing=RoutingConfig(query=query, chunk_size=1))
     p_res = random_params(res, seed, scale=1.0)
@@ -52,7 +52,7 @@ def test_dense_zero_query_dar_equals_residual(query, seed, depth):
 
 def test_dense_zero_query_gap_is_the_layernorm_eps():
     """The residual/dense gap vanishes as LayerNorm eps -> 0: nothing else differs."""
-    import dar_core.reference as ref
+    import dar_core.spec.reference as ref
 
     res = model_config("micro", routing="residual")
     dar = res.replace(routing=RoutingConfig(query="static", chunk_size=1))

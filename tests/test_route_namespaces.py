@@ -5,7 +5,7 @@ import importlib
 import numpy as np
 import pytest
 
-from dar_core.routing import route
+from dar_core.spec.routing import route
 from dar_core.testing import rel_err
 
 

@@ -1,12 +1,12 @@
-"""Spec section 5 identities of the routing math, as property tests."""
+"""docs/spec.md §7 identities of the routing math, as property tests."""
 
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dar_core.config import RoutingConfig, model_config
-from dar_core.routing import (
+from dar_core.spec.config import RoutingConfig, model_config
+from dar_core.spec.routing import (
     expand_slices,
     final_sources,
     route,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from dar_core.errors import ConfigError
-from dar_core.samplers import guided, sample
+from dar_core.sampling.samplers import guided, sample
 
 MU = np.array([2.0, -1.0])
 SIGMA = np.array([[1.5, 0.6], [0.6, 0.5]])

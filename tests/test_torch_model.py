@@ -6,11 +6,11 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from dar_core.backends.torch import DARTransformer  # noqa: E402
-from dar_core.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from dar_core.config import RoutingConfig, model_config  # noqa: E402
 from dar_core.errors import CheckpointError, InputError  # noqa: E402
-from dar_core.reference import forward  # noqa: E402
-from dar_core.schema import init_params, param_shapes, random_params  # noqa: E402
+from dar_core.io.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from dar_core.spec.config import RoutingConfig, model_config  # noqa: E402
+from dar_core.spec.reference import forward  # noqa: E402
+from dar_core.spec.schema import init_params, param_shapes, random_params  # noqa: E402
 from dar_core.testing import PARITY_VARIANTS, parity_inputs, rel_err  # noqa: E402
 
 VARIANTS = PARITY_VARIANTS
@@ -61,7 +61,7 @@ def test_history_routing_gradients_match_naive(name):
 def test_routing_gradcheck_of_the_read():
     """torch.autograd.gradcheck of one routed read w.r.t. sources and query (float64)."""
     from dar_core.backends.torch.routing import History
-    from dar_core.routing import source_slices
+    from dar_core.spec.routing import source_slices
 
     r = RoutingConfig(chunk_size=2)
     slices = source_slices(5, r)

@@ -12,10 +12,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from dar_core.checkpoint import load_checkpoint  # noqa: E402
 from dar_core.errors import NonFiniteLossError  # noqa: E402
+from dar_core.io.checkpoint import load_checkpoint  # noqa: E402
 from dar_core.testing import rel_err  # noqa: E402
-from dar_core.training import TrainConfig, TrainStream  # noqa: E402
+from dar_core.train.run import TrainConfig, TrainStream  # noqa: E402
 
 SMALL = ["--model", "micro", "--image-size", "16", "--batch-size", "8", "--lr", "1e-3",
          "--no-progress", "--sample-every", "100000", "--chunk-size", "2", "--query", "dynamic"]

@@ -7,9 +7,9 @@ import pytest
 
 from dar_core.cli import build_parser
 from dar_core.errors import ConfigError, NonFiniteLossError
-from dar_core.images import make_grid, save_image_grid
-from dar_core.interpolant import interpolate, sample_time, velocity_target
-from dar_core.training import Run, TrainConfig
+from dar_core.io.images import make_grid, save_image_grid
+from dar_core.spec.interpolant import interpolate, sample_time, velocity_target
+from dar_core.train.run import Run, TrainConfig
 
 
 def test_stream_is_a_function_of_seed_and_step():
@@ -74,7 +74,7 @@ def test_cli_train_flags_mirror_train_config():
 
 
 def test_rank_and_world_from_launchers(tmp_path, monkeypatch):
-    from dar_core.training import env_rank_world
+    from dar_core.train.run import env_rank_world
 
     for k in ("RANK", "WORLD_SIZE", "MLX_RANK", "MLX_HOSTFILE"):
         monkeypatch.delenv(k, raising=False)

@@ -1,6 +1,6 @@
 """DARTransformer in JAX: pure functions over a flat ``name -> array`` parameter dict.
 
-The parameter tree IS the canonical core schema (``dar_core.schema.param_shapes``): a core
+The parameter tree IS the canonical core schema (``dar_core.spec.schema.param_shapes``): a core
 checkpoint's ``params`` or ``ema`` dict loads with ``DARTransformer.load`` and nothing else.
 Read top to bottom: patch + timestep + label embedding, then per DiTBlock two sublayers that
 each read the history (``routing.History``), then the FinalLayer. Compute runs in the dtype of
@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dar_core.config import ModelConfig
-from dar_core.schema import check_params, init_params
-from dar_core.timestep import timestep_embedding, timestep_frequencies
-from dar_core.validate import check_shapes, check_values
+from dar_core.spec.config import ModelConfig
+from dar_core.spec.schema import check_params, init_params
+from dar_core.spec.timestep import timestep_embedding, timestep_frequencies
+from dar_core.spec.validate import check_shapes, check_values
 
 from .routing import History
 

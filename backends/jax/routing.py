@@ -1,4 +1,4 @@
-"""The history of sublayer outputs and DAR's aggregation over it, in JAX (spec sections 2-4).
+"""The history of sublayer outputs and DAR's aggregation over it, in JAX (docs/spec.md §2-§4).
 
 ``History`` is a plain Python object used while a forward pass is traced. It keeps
 
@@ -8,7 +8,7 @@
   ONCE per source when it is written, instead of once per aggregator that reads it.
 
 ``read(agg)`` takes aggregator ``agg``'s sources as the (at most two) strided slices of
-``dar_core.routing.source_slices`` applied to the slot list (views: no gathers, no stacking of
+``dar_core.spec.routing.source_slices`` applied to the slot list (views: no gathers, no stacking of
 sources) and mixes them with the RMSNorm weight and ``1/sqrt(d)`` folded into the query::
 
     logit_i = rstd_i * (v_i . (q * w_norm / sqrt(d)))      # == q . RMSNorm(v_i) / sqrt(d)
@@ -33,9 +33,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dar_core.config import ModelConfig, RoutingConfig
-from dar_core.routing import source_slices
-from dar_core.schema import router_prefixes
+from dar_core.spec.config import ModelConfig, RoutingConfig
+from dar_core.spec.routing import source_slices
+from dar_core.spec.schema import router_prefixes
 
 
 @functools.lru_cache(maxsize=64)
@@ -45,7 +45,7 @@ def _slices(num_sublayers: int, routing: RoutingConfig) -> tuple[tuple[slice, ..
 
 def router_query(cfg: ModelConfig, params: dict, prefix: str, t_emb: jax.Array,
                  newest: jax.Array) -> jax.Array:
-    """``q_l(t)`` (spec section 3), broadcastable to ``[B, T, d]``."""
+    """``q_l(t)`` (docs/spec.md §3), broadcastable to ``[B, T, d]``."""
     kind = cfg.routing.query
     if kind == "static":
         return params[f"{prefix}.query"]  # [d]
@@ -112,7 +112,7 @@ def mix(values: list[jax.Array], rstd: list[jax.Array], qw: jax.Array,
 
 def route(values: list[jax.Array], query: jax.Array, norm_weight: jax.Array,
           eps: float = 1e-6) -> tuple[jax.Array, jax.Array]:
-    """The efficient form of ``dar_core.routing.route`` on a list of ``[B, T, d]`` sources and
+    """The efficient form of ``dar_core.spec.routing.route`` on a list of ``[B, T, d]`` sources and
     an unfolded query (``[d]``, ``[B, 1, d]`` or ``[B, T, d]``): ``(h, alpha [N, B, T])``."""
     acc = jnp.promote_types(values[0].dtype, jnp.float32)
     rstd = [lax.rsqrt(jnp.mean(jnp.square(v.astype(acc)), axis=-1) + eps) for v in values]

@@ -22,12 +22,12 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dar_core.checkpoint import Checkpoint
-from dar_core.config import ModelConfig
 from dar_core.errors import CheckpointError, ConfigError
-from dar_core.interpolant import interpolate, velocity_target
-from dar_core.schema import NON_TRAINABLE, init_params, trainable_names
-from dar_core.training import Run, TrainConfig
+from dar_core.io.checkpoint import Checkpoint
+from dar_core.spec.config import ModelConfig
+from dar_core.spec.interpolant import interpolate, velocity_target
+from dar_core.spec.schema import NON_TRAINABLE, init_params, trainable_names
+from dar_core.train.run import Run, TrainConfig
 
 from .model import cast, forward
 from .velocity import DTYPES, resolve_device, velocity_model

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from dar_core.backend import VelocityModel
-from dar_core.config import ModelConfig
 from dar_core.errors import ConfigError
-from dar_core.training import PRECISIONS
+from dar_core.spec.config import ModelConfig
+from dar_core.train.run import PRECISIONS
 
 from .model import DARTransformer
 

@@ -1,12 +1,12 @@
 """DARTransformer for MLX: a DiT/SiT whose residual additions are replaced by DAR routing.
 
-Parameter names are exactly ``dar_core.schema.param_shapes(config)`` (DiT's names plus one
+Parameter names are exactly ``dar_core.spec.schema.param_shapes(config)`` (DiT's names plus one
 router per aggregator), so ``model.load_weights(list(weights.items()))`` with a core checkpoint
 converted to ``mx.array`` works, and ``load_params`` does the conversion and checks for you.
 ``pos_embed`` is a frozen array: it is saved and loaded under its name but never trained.
 
 The public ``__call__`` takes ``x [B, C, H, W]``, ``t [B]`` in [0, 1] and integer ``y [B]``
-(``num_classes`` = null class), checks them with ``dar_core.validate`` and calls ``forward``,
+(``num_classes`` = null class), checks them with ``dar_core.spec.validate`` and calls ``forward``,
 the unchecked path the compiled training step uses. Internally tokens are ``[B, T, d]``.
 Weights stay float32; ``dtype=mx.bfloat16`` computes in bf16 (every Linear casts its weight to
 the activation dtype) while routing softmax, LayerNorm statistics and the loss stay float32.
@@ -21,12 +21,12 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from dar_core.config import ModelConfig
 from dar_core.errors import ConfigError
-from dar_core.routing import source_slices
-from dar_core.schema import NON_TRAINABLE, check_params, init_params, param_shapes
-from dar_core.timestep import FREQUENCY_DIM, timestep_embedding, timestep_frequencies
-from dar_core.validate import check_shapes, check_values
+from dar_core.spec.config import ModelConfig
+from dar_core.spec.routing import source_slices
+from dar_core.spec.schema import NON_TRAINABLE, check_params, init_params, param_shapes
+from dar_core.spec.timestep import FREQUENCY_DIM, timestep_embedding, timestep_frequencies
+from dar_core.spec.validate import check_shapes, check_values
 
 from .routing import History, NaiveHistory, ResidualStream, fold_query
 
@@ -142,7 +142,7 @@ class Mlp(nn.Module):
 
 
 class Router(nn.Module):
-    """One aggregator's parameters: the key RMSNorm weight and the query (spec section 3)."""
+    """One aggregator's parameters: the key RMSNorm weight and the query (docs/spec.md §3)."""
 
     def __init__(self, hidden: int, query: str, eps: float):
         super().__init__()
@@ -182,7 +182,7 @@ def aggregate(router: Router | None, hist, k: int, t_emb: mx.array) -> mx.array:
 
 
 class DiTBlock(nn.Module):
-    """Attention and MLP sublayers, each reading its input from the history (spec section 2)."""
+    """Attention and MLP sublayers, each reading its input from the history (docs/spec.md §2)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -236,7 +236,7 @@ def unpatchify(x: mx.array, p: int, c: int) -> mx.array:
 class DARTransformer(nn.Module):
     """DiT/SiT with DAR routing (or plain residual, ``config.routing.mode == "residual"``).
 
-    ``seed`` draws the core's initialization (``dar_core.schema.init_params``) in NumPy;
+    ``seed`` draws the core's initialization (``dar_core.spec.schema.init_params``) in NumPy;
     ``dtype`` is the compute dtype (float32 or bfloat16; weights are always float32);
     ``routing_impl="naive"`` reads sources with the core's four-pass ``route`` (tests);
     ``grad_checkpoint`` recomputes attention and MLP internals in the backward pass.

@@ -2,7 +2,7 @@
 
 ``History`` keeps ``v_0 .. v_L`` as one list of arrays, each appended once when its sublayer
 produces it and never copied, together with its inverse RMS ``rstd_l`` (``[B, T, 1]``, computed
-once at the write). An aggregator reads its sources through ``dar_core.routing.source_slices``
+once at the write). An aggregator reads its sources through ``dar_core.spec.routing.source_slices``
 (at most two strided slices of the list) and mixes them with the RMSNorm weight and
 ``1/sqrt(d)`` folded into the query::
 
@@ -29,7 +29,7 @@ import math
 
 import mlx.core as mx
 
-from dar_core.routing import route as core_route
+from dar_core.spec.routing import route as core_route
 
 
 def fold_query(raw_query: mx.array, norm_weight: mx.array) -> mx.array:
@@ -68,7 +68,7 @@ def mix(vs: list[mx.array], rstds: list[mx.array],
 
 def route(vs: list[mx.array], query: mx.array, norm_weight: mx.array,
           eps: float = 1e-6) -> tuple[mx.array, mx.array]:
-    """The efficient form of ``dar_core.routing.route`` on a list of ``[B, T, d]`` sources
+    """The efficient form of ``dar_core.spec.routing.route`` on a list of ``[B, T, d]`` sources
     and an unfolded query (``[d]``, ``[B, 1, d]`` or ``[B, T, d]``): ``(h, alpha [B, T, N])``."""
     q = fold_query(query, norm_weight)
     if q.ndim == 3 and q.shape[1] == 1:

@@ -20,9 +20,9 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_reduce
 
 from dar_core.errors import CheckpointError
-from dar_core.interpolant import interpolate, velocity_target
-from dar_core.schema import trainable_names
-from dar_core.training import Run, TrainConfig
+from dar_core.spec.interpolant import interpolate, velocity_target
+from dar_core.spec.schema import trainable_names
+from dar_core.train.run import Run, TrainConfig
 
 from .device import compute_dtype, set_device
 from .model import DARTransformer

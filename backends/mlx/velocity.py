@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 
 from dar_core.backend import VelocityModel
-from dar_core.config import ModelConfig
+from dar_core.spec.config import ModelConfig
 
 from .device import compute_dtype, set_device
 from .model import DARTransformer, as_mlx

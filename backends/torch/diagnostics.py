@@ -1,4 +1,4 @@
-"""One diagnostics pass in PyTorch (see ``dar_core.diagnostics``): states, their gradients,
+"""One diagnostics pass in PyTorch (see ``dar_core.diagnostics.symptoms``): states, their gradients,
 routing weights and the gradients of measurement-only source gates."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from dar_core.config import ModelConfig
-from dar_core.diagnostics import summarize_pass
-from dar_core.interpolant import interpolate, velocity_target
+from dar_core.diagnostics.symptoms import summarize_pass
+from dar_core.spec.config import ModelConfig
+from dar_core.spec.interpolant import interpolate, velocity_target
 
 from .model import DARTransformer
 from .trainer import pick_device

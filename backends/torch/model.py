@@ -3,7 +3,7 @@
 Module and parameter names are DiT's (``x_embedder.proj``, ``t_embedder.mlp.0``,
 ``blocks.{i}.attn.qkv``, ``blocks.{i}.adaLN_modulation.1``, ``final_layer.linear``, ...) plus
 one router per aggregator (``blocks.{i}.attn_router``, ``blocks.{i}.mlp_router``,
-``final_router``), exactly ``dar_core.schema.param_shapes(config)``, so a core checkpoint or a
+``final_router``), exactly ``dar_core.spec.schema.param_shapes(config)``, so a core checkpoint or a
 DiT/SiT state dict loads with ``load_state_dict`` and no renaming.
 """
 
@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from dar_core.config import ModelConfig
-from dar_core.routing import source_slices
-from dar_core.schema import init_params, pos_embed_2d
-from dar_core.timestep import FREQUENCY_DIM, timestep_frequencies
-from dar_core.validate import check_shapes, check_values
+from dar_core.spec.config import ModelConfig
+from dar_core.spec.routing import source_slices
+from dar_core.spec.schema import init_params, pos_embed_2d
+from dar_core.spec.timestep import FREQUENCY_DIM, timestep_frequencies
+from dar_core.spec.validate import check_shapes, check_values
 
 from .routing import History, NaiveHistory, ResidualStream
 
@@ -182,7 +182,7 @@ class DARTransformer(nn.Module):
     # Weights ---------------------------------------------------------------------------
     def load_numpy(self, params: dict[str, np.ndarray]) -> None:
         """Load a canonical NumPy parameter dict (a core checkpoint's ``params``/``ema``)."""
-        from dar_core.schema import check_params
+        from dar_core.spec.schema import check_params
 
         check_params(self.config, params)
         ref = self.state_dict()

@@ -2,7 +2,7 @@
 
 Forward: ``History.write(v_l)`` copies ``v_l`` into row ``l`` of a ``[L+1, B, T, d]`` buffer and
 caches its inverse RMS once (``rstd``, a ``[L+1, B, T]`` buffer). ``History.read`` mixes the
-rows named by ``dar_core.routing.source_slices`` (at most two strided views, never a gather):
+rows named by ``dar_core.spec.routing.source_slices`` (at most two strided views, never a gather):
 
     logit_i = rstd_i * (v_i . q~)      with the folded query q~ = q * w_norm / sqrt(d)
     alpha   = softmax over the sources of logit
@@ -26,7 +26,7 @@ The query is folded inside the read, so autograd keeps only the raw query (one `
 tensor per aggregator fewer for the dynamic query).
 
 The history is stored, and the routing math runs, in at least float32 whatever the autocast
-dtype. ``NaiveHistory`` is the readable four-pass form over ``dar_core.routing.route`` kept
+dtype. ``NaiveHistory`` is the readable four-pass form over ``dar_core.spec.routing.route`` kept
 for tests and benchmarks; ``ResidualStream`` is the same interface with routing off.
 """
 
@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from dar_core.routing import route
+from dar_core.spec.routing import route
 
 
 def _acc(x: Tensor) -> Tensor:

@@ -18,9 +18,9 @@ import torch
 import torch.distributed as dist
 
 from dar_core.backend import VelocityModel
-from dar_core.config import ModelConfig
-from dar_core.interpolant import interpolate, velocity_target
-from dar_core.training import Run, TrainConfig, env_rank_world
+from dar_core.spec.config import ModelConfig
+from dar_core.spec.interpolant import interpolate, velocity_target
+from dar_core.train.run import Run, TrainConfig, env_rank_world
 
 from .model import DARTransformer
 
@@ -150,8 +150,9 @@ def _train(tc: TrainConfig, rank: int, world: int, device: torch.device) -> Path
             decay = tc.ema_decay_at(step)
             ema_update(ema_params, params, decay)
         if world > 1:
-            loss = loss.detach().clone()
-            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+            loss = loss.detach().clone()  # SUM / world: Gloo has no AVG before torch 2.6
+            dist.all_reduce(loss, op=dist.ReduceOp.SUM)
+            loss /= world
         run.log(step, loss.item(), grad_norm.item())
 
         n = run.done(step)

@@ -1,4 +1,4 @@
-"""Routing math of DAR (spec sections 2-4): which sources each aggregator sees, and the
+"""Routing math of DAR (docs/spec.md §2-§4): which sources each aggregator sees, and the
 softmax aggregation over them.
 
 History indices: 0 is ``v_0`` (the input embedding), ``l`` in 1..L is the output of sublayer
@@ -15,8 +15,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from dar_core.config import RoutingConfig
 from dar_core.errors import ConfigError, InputError
+from dar_core.spec.config import RoutingConfig
 from dar_core.xp import namespace
 
 
@@ -72,7 +72,7 @@ def route(
     *,
     eps: float = 1e-6,
 ) -> tuple[Any, Any]:
-    """Softmax-mix ``N`` sources (spec section 2).
+    """Softmax-mix ``N`` sources (docs/spec.md §2).
 
     sources:     ``[N, ..., d]``: the values ``v_i`` stacked on axis 0 (e.g. ``[N, B, T, d]``)
     query:       broadcastable to ``[..., d]``: ``[d]`` (static), ``[B, 1, d]`` (static_t) or

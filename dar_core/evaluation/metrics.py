@@ -1,7 +1,7 @@
 """Sample-quality metrics on the procedural dataset: Fréchet distance, KID, accuracies.
 
-Features come from the shipped evaluator (:mod:`dar_core.evaluator`), not Inception: nothing
-can be downloaded, and an evaluator trained on the data the models learn sees exactly the
+Features come from the shipped evaluator (:mod:`dar_core.evaluation.evaluator`), not Inception:
+nothing can be downloaded, and an evaluator trained on the data the models learn sees exactly the
 factors that matter here (shape and texture). Why the pieces look the way they do:
 
 * **Fréchet distance** ``|mu_a - mu_b|^2 + tr(C_a + C_b - 2 (C_a^1/2 C_b C_a^1/2)^1/2)``.
@@ -37,9 +37,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from dar_core.data.procedural import MAX_CLASSES, ProceduralDataset
 from dar_core.errors import ConfigError, InputError
-from dar_core.evaluator import Evaluator, EvaluatorOutputs
+from dar_core.evaluation.evaluator import Evaluator, EvaluatorOutputs
+from dar_core.io.data.procedural import MAX_CLASSES, ProceduralDataset
 
 REFERENCE_SEED = 0  # dataset seed of the reference (held-out) and real-baseline images
 # Seed domain of the real-baseline images: the dataset itself uses (seed, 0, step) for

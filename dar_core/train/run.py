@@ -36,11 +36,11 @@ from typing import Any
 
 import numpy as np
 
-from dar_core.checkpoint import Checkpoint, atomic_write_bytes, load_checkpoint, save_checkpoint
-from dar_core.config import ModelConfig, RoutingConfig, model_config
 from dar_core.errors import CheckpointError, ConfigError, NonFiniteLossError
-from dar_core.interpolant import TIME_SAMPLINGS, sample_time
-from dar_core.samplers import SAMPLERS, sample
+from dar_core.io.checkpoint import Checkpoint, atomic_write_bytes, load_checkpoint, save_checkpoint
+from dar_core.sampling.samplers import SAMPLERS, sample
+from dar_core.spec.config import ModelConfig, RoutingConfig, model_config
+from dar_core.spec.interpolant import TIME_SAMPLINGS, sample_time
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -159,7 +159,7 @@ class TrainConfig:
 
 
 def make_train_dataset(tc: TrainConfig) -> Any:
-    from dar_core.data import make_dataset
+    from dar_core.io.data import make_dataset
 
     return make_dataset(tc.data, image_size=tc.image_size, num_classes=tc.num_classes,
                         seed=tc.seed)
@@ -335,7 +335,7 @@ class Run:
         """Sample the fixed grid inputs with the EMA model and write a PNG (rank 0)."""
         if not self.is_main:
             return None
-        from dar_core.images import save_image_grid
+        from dar_core.io.images import save_image_grid
 
         noise, y = grid_inputs(self.cfg, self.tc.per_class, self.tc.seed)
         out = sample(velocity, asarray(noise), asarray(y), sampler=self.tc.sample_sampler,
@@ -348,7 +348,7 @@ class Run:
 
     def plot(self) -> None:
         if self.is_main and self.metrics_path.exists():
-            from dar_core.plots import plot_training
+            from dar_core.io.plots import plot_training
 
             plot_training(self.metrics_path, self.dir / "training.png")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dar_core.checkpoint import atomic_write_bytes
+from dar_core.io.checkpoint import atomic_write_bytes
 
 
 def pyplot():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from dar_core.backend import load_backend
-from dar_core.checkpoint import load_checkpoint
 from dar_core.errors import ConfigError
-from dar_core.samplers import sample
+from dar_core.io.checkpoint import load_checkpoint
+from dar_core.sampling.samplers import sample
 
 
 def sample_checkpoint(
@@ -67,7 +67,7 @@ def sample_checkpoint(
         chunks.append(vm.to_numpy(out).astype(np.float32))
     images = np.concatenate(chunks)
     if png:
-        from dar_core.images import save_image_grid
+        from dar_core.io.images import save_image_grid
 
         save_image_grid(images, png, nrow=nrow)
     return images, y

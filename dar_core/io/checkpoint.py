@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from dar_core.config import ModelConfig
 from dar_core.errors import CheckpointError
-from dar_core.schema import check_params
+from dar_core.spec.config import ModelConfig
+from dar_core.spec.schema import check_params
 
 FORMAT = "dar-checkpoint"
 VERSION = 1

@@ -10,8 +10,8 @@ the models, not between draws.
 
 Labels are every class in turn (``0, 1, ..., K-1, 0, 1, ...``), so any prefix is balanced. The
 noise is ``default_rng(seed).standard_normal((N, C, H, W), float32)``, handed explicitly to
-:func:`dar_core.sampling.sample_checkpoint`, which does the sampling in chunks of 256 (any
-backend, any sampler; the SDE sampler continues the same generator). The returned
+:func:`dar_core.sampling.from_checkpoint.sample_checkpoint`, which does the sampling in chunks
+of 256 (any backend, any sampler; the SDE sampler continues the same generator). The returned
 ``protocol_id`` hashes labels and noise, so a table of results can check it compares like with
 like.
 """
@@ -27,12 +27,12 @@ from typing import Any
 import numpy as np
 
 from dar_core.backend import installed_backends
-from dar_core.checkpoint import read_header
-from dar_core.config import ModelConfig
-from dar_core.data.procedural import IMAGE_SIZES, MAX_CLASSES
 from dar_core.errors import ConfigError
-from dar_core.metrics import quality_report
-from dar_core.sampling import sample_checkpoint
+from dar_core.evaluation.metrics import quality_report
+from dar_core.io.checkpoint import read_header
+from dar_core.io.data.procedural import IMAGE_SIZES, MAX_CLASSES
+from dar_core.sampling.from_checkpoint import sample_checkpoint
+from dar_core.spec.config import ModelConfig
 
 PROTOCOL_VERSION = 1
 
@@ -143,7 +143,7 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Sample ``checkpoint`` under the fixed protocol and score the samples.
 
-    Returns :func:`dar_core.metrics.quality_report`'s fields (``fd``, ``kid``,
+    Returns :func:`dar_core.evaluation.metrics.quality_report`'s fields (``fd``, ``kid``,
     ``class_accuracy``, ``shape_accuracy``, ``texture_accuracy``, the real-image floors, ...)
     plus the protocol fields (``protocol_id``, ``seed``, ``n_per_class``, ``sampler``,
     ``steps``, ``cfg_scale``, ``weights``, ``backend``, ``checkpoint``, ``step``) and timings.

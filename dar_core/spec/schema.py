@@ -19,8 +19,8 @@ import math
 
 import numpy as np
 
-from dar_core.config import ModelConfig
-from dar_core.timestep import FREQUENCY_DIM
+from dar_core.spec.config import ModelConfig
+from dar_core.spec.timestep import FREQUENCY_DIM
 
 NON_TRAINABLE = frozenset({"pos_embed"})
 
@@ -109,7 +109,7 @@ def _xavier(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def init_params(cfg: ModelConfig, seed: int = 0, dtype: type = np.float32) -> dict[str, np.ndarray]:
-    """DiT's initialization plus DAR's (spec section 3), in NumPy.
+    """DiT's initialization plus DAR's (docs/spec.md §3), in NumPy.
 
     Xavier-uniform Linear and patch-embedding weights with zero biases; N(0, 0.02) label table
     and timestep-MLP weights; zero adaLN modulations and final layer (adaLN-Zero); fixed

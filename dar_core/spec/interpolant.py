@@ -1,6 +1,6 @@
 """SiT's linear interpolant, its velocity target, and training-time distributions of t.
 
-See ``dar_core.timestep`` for the convention: t = 0 noise, t = 1 data.
+See ``dar_core.spec.timestep`` for the convention: t = 0 noise, t = 1 data.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ TINY: dict[str, dict[str, int]] = {
 
 @dataclass(frozen=True)
 class RoutingConfig:
-    """How each sublayer reads the history of sublayer outputs (spec sections 2-4).
+    """How each sublayer reads the history of sublayer outputs (docs/spec.md §2-§4).
 
     ``mode="residual"`` is the plain DiT/SiT stream (h_l = sum of all earlier outputs);
     ``mode="dar"`` is a softmax mix over the visible sources. ``chunk_size=1`` is dense DAR.

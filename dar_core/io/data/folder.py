@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dar_core.data.procedural import ProceduralDataset, _check_step, _is_int
 from dar_core.errors import InputError
+from dar_core.io.data.procedural import ProceduralDataset, _check_step, _is_int
 
 SHARD_PATTERNS: tuple[str, ...] = ("*.npz", "*.safetensors")
 HELDOUT_FRACTION = 0.1

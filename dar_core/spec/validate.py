@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from dar_core.config import ModelConfig
 from dar_core.errors import InputError
+from dar_core.spec.config import ModelConfig
 
 
 def check_shapes(cfg: ModelConfig, x_shape: tuple, t_shape: tuple, y_shape: tuple) -> None:

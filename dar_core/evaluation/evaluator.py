@@ -2,7 +2,7 @@
 
 There is nothing to download (no Inception weights, no network access), so sample quality is
 measured with an evaluator trained on the procedural data itself and shipped with the package
-(``dar_core/assets/evaluator-{16,32}.safetensors``, written by
+(``dar_core/evaluation/assets/evaluator-{16,32}.safetensors``, written by
 ``benchmarks/train_evaluator.py``). Why it is shaped this way:
 
 * **Full-resolution first layer.** A class is a shape x texture pair and the textures are one-
@@ -37,8 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from dar_core.data.procedural import IMAGE_SIZES, MAX_CLASSES, SHAPES, TEXTURES
 from dar_core.errors import CheckpointError, ConfigError, InputError
+from dar_core.io.data.procedural import IMAGE_SIZES, MAX_CLASSES, SHAPES, TEXTURES
 
 FORMAT = "dar-evaluator"
 VERSION = 1
@@ -363,7 +363,7 @@ def _safetensors_metadata(data: bytes, source: str) -> dict[str, str]:
 
 def weights_path(image_size: int) -> Path:
     """Where the shipped weights for ``image_size`` live (inside the installed package)."""
-    return Path(str(resources.files("dar_core").joinpath("assets",
+    return Path(str(resources.files("dar_core.evaluation").joinpath("assets",
                                                          f"evaluator-{image_size}.safetensors")))
 
 

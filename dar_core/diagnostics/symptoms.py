@@ -7,7 +7,7 @@ For a model and a fixed evaluation batch (held-out images, fixed noise), at each
 3. redundancy: mean per-token cosine similarity of ``z_k`` and ``z_{k+1}``;
 4. DAR: routing weights ``alpha_{i->l}(t)`` of every aggregator, averaged over tokens;
 5. importance of every source: ``dLoss/dg_i`` for a measurement-only gate ``g_i = 1`` on
-   source ``v_i`` (spec section 1); for a residual model this is counterfactual routing.
+   source ``v_i`` (docs/spec.md §1); for a residual model this is counterfactual routing.
 
 ``z_k`` (k = 1..D) is the state block ``k`` hands onward: the input of the next block's
 attention sublayer, or of the final layer after the last block. In a residual model it is
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from dar_core.config import ModelConfig
+from dar_core.spec.config import ModelConfig
 from dar_core.xp import namespace
 
 DEFAULT_TIMESTEPS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -84,7 +84,7 @@ def _mean_over_tokens(w: Any) -> Any:
 def eval_batch(cfg: ModelConfig, n: int = 32, seed: int = 0, data: str = "procedural",
                data_seed: int = 0) -> dict[str, np.ndarray]:
     """Held-out images with fixed noise: the same batch for every checkpoint."""
-    from dar_core.data import make_dataset
+    from dar_core.io.data import make_dataset
 
     ds = make_dataset(data, image_size=cfg.input_size, num_classes=cfg.num_classes,
                       seed=data_seed)
@@ -98,8 +98,8 @@ def reference_measure(cfg: ModelConfig, weights: dict[str, np.ndarray],
                       batch: dict[str, np.ndarray], t: float) -> dict[str, Any]:
     """Forward-only pass with the float64 NumPy reference (no gradients: metrics 2 and 5 are
     reported as null). For small models when no backend is installed."""
-    from dar_core.interpolant import interpolate, velocity_target
-    from dar_core.reference import Trace, forward
+    from dar_core.spec.interpolant import interpolate, velocity_target
+    from dar_core.spec.reference import Trace, forward
 
     x, noise = batch["x"].astype(np.float64), batch["noise"].astype(np.float64)
     tt = np.full(len(x), t)
@@ -120,8 +120,8 @@ def diagnose(
 ) -> dict[str, Any]:
     """Every number, for every checkpoint and timestep, as one JSON-ready dict."""
     from dar_core.backend import installed_backends, load_backend
-    from dar_core.checkpoint import load_checkpoint
     from dar_core.errors import ConfigError
+    from dar_core.io.checkpoint import load_checkpoint
 
     bad = [t for t in timesteps if not 0.0 <= t <= 1.0]
     if bad:
@@ -158,7 +158,7 @@ def diagnose(
 
 
 def _sources(cfg: ModelConfig) -> list[tuple[int, ...]]:
-    from dar_core.routing import source_sets
+    from dar_core.spec.routing import source_sets
 
     return source_sets(cfg.num_sublayers, cfg.routing)
 
@@ -171,7 +171,7 @@ def _label(path: str, cfg: ModelConfig, meta: dict) -> str:
 
 
 def save_json(result: dict[str, Any], path: str | Path) -> None:
-    from dar_core.checkpoint import atomic_write_bytes
+    from dar_core.io.checkpoint import atomic_write_bytes
 
     atomic_write_bytes(path, json.dumps(result, indent=1).encode())
 
@@ -195,7 +195,7 @@ def headline(result: dict[str, Any]) -> list[str]:
 
 def write_report(result: dict[str, Any], out_dir: str | Path) -> list[Path]:
     """``diagnostics.json`` plus the PNGs; returns the written paths."""
-    from dar_core.plots import plot_importance, plot_routing, plot_symptoms
+    from dar_core.io.plots import plot_importance, plot_routing, plot_symptoms
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -7,8 +7,8 @@ import os
 
 import numpy as np
 
-from dar_core.checkpoint import atomic_write_bytes
 from dar_core.errors import InputError
+from dar_core.io.checkpoint import atomic_write_bytes
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from dar_core.config import ModelConfig
-from dar_core.routing import route, source_sets
-from dar_core.timestep import timestep_embedding
-from dar_core.validate import validate_inputs
+from dar_core.spec.config import ModelConfig
+from dar_core.spec.routing import route, source_sets
+from dar_core.spec.timestep import timestep_embedding
+from dar_core.spec.validate import validate_inputs
 
 LN_EPS = 1e-6
 
@@ -80,7 +80,7 @@ def mlp(x: np.ndarray, p: dict[str, np.ndarray], name: str) -> np.ndarray:
 
 def router_query(cfg: ModelConfig, p: dict[str, np.ndarray], prefix: str,
                  t_emb: np.ndarray, prev: np.ndarray) -> np.ndarray:
-    """The aggregator's query ``q_l(t)`` (spec section 3), broadcastable to ``[B, T, d]``."""
+    """The aggregator's query ``q_l(t)`` (docs/spec.md §3), broadcastable to ``[B, T, d]``."""
     kind = cfg.routing.query
     if kind == "static":
         return p[f"{prefix}.query"]  # [d]

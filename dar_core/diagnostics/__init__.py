@@ -1,0 +1,1 @@
+"""The paper's three symptoms and DAR's routing maps at every timestep (``symptoms``)."""
