@@ -15,9 +15,16 @@ def test_presets(name, depth, hidden, heads):
     assert cfg.num_sublayers == 2 * depth
 
 
-def test_every_preset_builds():
-    for name in preset_names():
-        model_config(name)
+def test_every_preset_builds_a_consistent_config():
+    names = preset_names()
+    assert {f"SiT-{s}/{p}" for s in ("S", "B", "L", "XL") for p in (2, 4, 8)} | {
+        "tiny", "small", "micro"} == set(names)
+    for name in names:
+        cfg = model_config(name)
+        assert cfg.hidden_size % cfg.num_heads == 0, name
+        assert cfg.input_size % cfg.patch_size == 0, name
+        assert cfg.num_sublayers == 2 * cfg.depth, name
+        assert cfg.grid_size == cfg.input_size // cfg.patch_size, name
 
 
 def test_sit_xl2_parameter_count():

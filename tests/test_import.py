@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 
 def test_import_loads_no_framework():
     code = ("import sys, dar_core, dar_core.train.run, dar_core.cli, dar_core.spec.reference; "
@@ -10,7 +12,17 @@ def test_import_loads_no_framework():
     assert out.stdout.strip() == "[]"
 
 
-def test_backends_are_a_subpackage():
-    import dar_core.backends
+FRAMEWORKS = {"torch": "torch", "jax": "jax", "mlx": "mlx"}
 
-    assert dar_core.backends.__name__ == "dar_core.backends"
+
+@pytest.mark.parametrize("name", sorted(FRAMEWORKS))
+def test_each_backend_imports_on_its_own(name):
+    """``import dar_core.backends.<name>`` loads its own framework and no other, from the
+    repository's ``backends/`` folder mapped to the ``dar_core.backends`` package."""
+    pytest.importorskip(FRAMEWORKS[name])
+    code = (f"import sys, dar_core.backends.{name} as b; print(b.__file__); "
+            "print(sorted(m for m in ('torch', 'jax', 'mlx') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split("\n")
+    assert out[0].endswith(f"backends/{name}/__init__.py"), out[0]
+    assert out[1] == str([name]), f"dar_core.backends.{name} loaded the frameworks {out[1]}"

@@ -67,6 +67,16 @@ def test_grid_layout_and_png(tmp_path):
 
 
 def test_cli_train_flags_mirror_train_config():
+    import dataclasses
+
+    from dar_core.train.run import TrainConfig
+
+    defaults = build_parser().parse_args(["train"])
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    missing = [f for f in fields if not hasattr(defaults, f)]
+    assert not missing, f"TrainConfig fields without a dar train flag: {missing}"
+    # every flag's default is the dataclass default: train and sample agree with the config
+    assert TrainConfig(**{f: getattr(defaults, f) for f in fields}) == TrainConfig()
     args = build_parser().parse_args(["train", "--backend", "jax", "--lr", "3e-4",
                                       "--no-final-aggregator", "--chunk-size", "8"])
     assert args.backend == "jax" and args.lr == 3e-4

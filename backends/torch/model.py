@@ -261,8 +261,3 @@ class DARTransformer(nn.Module):
         c, p, g = self.config.out_channels, self.config.patch_size, self.config.grid_size
         x = x.reshape(x.shape[0], g, g, p, p, c)  # [B, h, w, p, p, C]
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
-
-
-def num_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-

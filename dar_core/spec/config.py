@@ -119,10 +119,6 @@ class ModelConfig:
         return self.grid_size**2
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
     def mlp_hidden(self) -> int:
         return int(self.hidden_size * self.mlp_ratio)
 

@@ -20,11 +20,6 @@ from dar_core.spec.config import RoutingConfig
 from dar_core.xp import namespace
 
 
-def chunk_summaries(num_sublayers: int, chunk_size: int) -> list[int]:
-    """History indices of the chunk summaries ``c_0 = v_0, c_n = v_{nS}`` (full chunks only)."""
-    return [0] + list(range(chunk_size, num_sublayers + 1, chunk_size))
-
-
 def sublayer_sources(l: int, num_sublayers: int, chunk_size: int) -> tuple[int, ...]:
     """``S_l`` for sublayer ``l`` (1-indexed): summaries of earlier chunks + raw outputs of
     the earlier sublayers of its own chunk."""

@@ -15,8 +15,6 @@ import numpy as np
 
 from dar_core.xp import namespace
 
-T_NOISE = 0.0  # the time of pure noise
-T_DATA = 1.0  # the time of data
 FREQUENCY_DIM = 256
 MAX_PERIOD = 10000.0
 
