@@ -1,12 +1,8 @@
-"""Finding and loading backends without importing a framework until one is asked for.
+"""The backend contract, and finding and loading backends without importing a framework
+until one is asked for.
 
-Each backend package ``dar_core.backends.<name>`` exports:
-
-- ``DARTransformer``: the model, parameters under the canonical core names;
-- ``train(tc: TrainConfig) -> Path``: the full training loop (launcher-aware), returns the run
-  folder;
-- ``velocity_model(config, weights, precision="fp32", device="auto") -> VelocityModel``: a
-  sampling handle for the core samplers.
+Each backend package ``dar_core.backends.<name>`` satisfies :class:`Backend`; a test checks
+every installed backend against it (names and signatures).
 """
 
 from __future__ import annotations
@@ -15,13 +11,22 @@ import importlib
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from dar_core.errors import ConfigError
 
 BACKENDS = ("torch", "jax", "mlx")
+PRECISIONS = ("fp32", "bf16")  # compute precision; weights and the routing math stay float32
+
+
+def check_precision(precision: Any) -> str:
+    """``precision`` if it is one of :data:`PRECISIONS`, else a ``ConfigError`` naming it."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    return precision
 _FRAMEWORK = {"torch": "torch", "jax": "jax", "mlx": "mlx.core"}
 
 
@@ -33,6 +38,35 @@ class VelocityModel:
     velocity: Callable[[Any, float, Any], Any]
     asarray: Callable[[np.ndarray], Any]
     to_numpy: Callable[[Any], np.ndarray]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What every ``dar_core.backends.<name>`` module offers, under the same names and
+    signatures in torch, JAX and MLX. Every error it raises on bad input is a ``DARError``.
+
+    - ``DARTransformer``: the model; parameters under the canonical names of
+      ``dar_core.spec.schema`` (DiT/SiT's names plus the routers).
+    - ``train(tc)``: the full training loop (resume, EMA, NaN stop, launcher-aware data
+      parallel); returns the run folder.
+    - ``velocity_model(config, weights, precision, device)``: a :class:`VelocityModel` for the
+      core samplers, inputs validated on every call.
+    - ``resolve_device(device)``: ``"auto"`` or a device name -> the framework's device;
+      ``ConfigError`` for a name the framework does not have on this machine.
+    - ``compute_dtype(precision)``: ``"fp32"`` / ``"bf16"`` -> the framework's dtype;
+      ``ConfigError`` otherwise.
+    """
+
+    DARTransformer: type
+
+    def train(self, tc: Any) -> Path: ...
+
+    def velocity_model(self, config: Any, weights: dict[str, np.ndarray],
+                       precision: str = "fp32", device: Any = "auto") -> VelocityModel: ...
+
+    def resolve_device(self, device: Any = "auto") -> Any: ...
+
+    def compute_dtype(self, precision: str) -> Any: ...
 
 
 def is_installed(name: str) -> bool:

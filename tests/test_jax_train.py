@@ -120,7 +120,7 @@ def test_optimizer_state_maps_to_the_checkpoint_layout_and_back():
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state.opt), strict=True):
         assert np.array_equal(np.asarray(a), np.asarray(b))
     del saved[f"v/{names[3]}"]
-    with pytest.raises(CheckpointError, match=f"'v/{names[3]}'"):
+    with pytest.raises(CheckpointError, match=f"'opt/v/{names[3]}'"):
         opt_from_checkpoint(fresh, saved, names)
 
 

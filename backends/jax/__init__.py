@@ -3,6 +3,6 @@
 
 from .model import DARTransformer
 from .train import train
-from .velocity import velocity_model
+from .velocity import compute_dtype, resolve_device, velocity_model
 
-__all__ = ["DARTransformer", "train", "velocity_model"]
+__all__ = ["DARTransformer", "compute_dtype", "resolve_device", "train", "velocity_model"]

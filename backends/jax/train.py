@@ -22,8 +22,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dar_core.errors import CheckpointError, ConfigError
-from dar_core.io.checkpoint import Checkpoint
+from dar_core.errors import ConfigError
+from dar_core.io.checkpoint import Checkpoint, check_optimizer_state
 from dar_core.spec.config import ModelConfig
 from dar_core.spec.interpolant import interpolate, velocity_target
 from dar_core.spec.schema import NON_TRAINABLE, init_params, trainable_names
@@ -181,9 +181,7 @@ def opt_to_checkpoint(opt: optax.OptState, steps_done: int) -> dict[str, np.ndar
 def opt_from_checkpoint(opt: optax.OptState, saved: dict[str, np.ndarray],
                         names: list[str]) -> optax.OptState:
     """The inverse of ``opt_to_checkpoint`` into a freshly initialized optax state."""
-    for key in [f"{s}/{n}" for s in ("m", "v") for n in names] + ["step"]:
-        if key not in saved:
-            raise CheckpointError(f"checkpoint optimizer state has no {key!r}: cannot resume")
+    check_optimizer_state(saved, names)
     mu = {n: jnp.asarray(saved[f"m/{n}"], jnp.float32) for n in names}
     nu = {n: jnp.asarray(saved[f"v/{n}"], jnp.float32) for n in names}
     count = jnp.asarray(int(saved["step"]), jnp.int32)

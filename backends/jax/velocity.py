@@ -8,14 +8,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dar_core.backend import VelocityModel
+from dar_core.backend import VelocityModel, check_precision
 from dar_core.errors import ConfigError
 from dar_core.spec.config import ModelConfig
-from dar_core.train.run import PRECISIONS
 
 from .model import DARTransformer
 
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+
+
+def compute_dtype(precision: str) -> jnp.dtype:
+    """``"fp32"`` / ``"bf16"`` -> the compute dtype (``ConfigError`` otherwise)."""
+    return DTYPES[check_precision(precision)]
 
 
 def resolve_device(device: Any = "auto") -> jax.Device:
@@ -42,11 +46,9 @@ def velocity_model(config: ModelConfig, weights: dict[str, np.ndarray], precisio
                    device: Any = "auto") -> VelocityModel:
     """Velocity of the model with ``weights`` (a checkpoint's ``params``/``ema`` dict) on one
     device, computing in ``precision`` (``"fp32"`` or ``"bf16"``); outputs are float32."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     model = DARTransformer(config)
     dev = resolve_device(device)
-    params = jax.device_put(model.load(weights, dtype=DTYPES[precision]), dev)
+    params = jax.device_put(model.load(weights, dtype=compute_dtype(precision)), dev)
 
     def velocity(x: jax.Array, t: float, y: jax.Array) -> jax.Array:
         tb = jax.device_put(np.full((x.shape[0],), t, dtype=np.float32), dev)

@@ -1,7 +1,8 @@
 """The MLX backend of dar: ``DARTransformer``, ``train`` and ``velocity_model``."""
 
+from .device import compute_dtype, resolve_device
 from .model import DARTransformer
 from .train import train
 from .velocity import velocity_model
 
-__all__ = ["DARTransformer", "train", "velocity_model"]
+__all__ = ["DARTransformer", "compute_dtype", "resolve_device", "train", "velocity_model"]

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from dar_core.backend import check_precision
 from dar_core.errors import ConfigError
 
 DTYPES = {"fp32": mx.float32, "bf16": mx.bfloat16}
 
 
 def compute_dtype(precision: str) -> mx.Dtype:
-    if precision not in DTYPES:
-        raise ConfigError(f"precision must be one of {list(DTYPES)}, got {precision!r}")
-    return DTYPES[precision]
+    """``"fp32"`` / ``"bf16"`` -> the compute dtype (``ConfigError`` otherwise)."""
+    return DTYPES[check_precision(precision)]
 
 
-def set_device(device: str = "auto") -> mx.Device:
+def resolve_device(device: str = "auto") -> mx.Device:
     """``"auto"``: the GPU (Metal on Apple silicon) when present, else the CPU; or ``"cpu"`` /
     ``"gpu"`` explicitly. Sets and returns MLX's default device."""
     if device == "auto":

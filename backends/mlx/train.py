@@ -19,12 +19,12 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_reduce
 
-from dar_core.errors import CheckpointError
+from dar_core.io.checkpoint import check_optimizer_state
 from dar_core.spec.interpolant import interpolate, velocity_target
 from dar_core.spec.schema import trainable_names
 from dar_core.train.run import Run, TrainConfig
 
-from .device import compute_dtype, set_device
+from .device import compute_dtype, resolve_device
 from .model import DARTransformer
 from .velocity import model_velocity
 
@@ -117,10 +117,7 @@ def opt_to_numpy(optimizer: optim.Optimizer, names: list[str]) -> dict[str, np.n
 def opt_from_numpy(optimizer: optim.Optimizer, opt: dict[str, np.ndarray],
                    names: list[str]) -> None:
     """Restore moments and step into an initialized optimizer; name the first missing key."""
-    for key in ["step"] + [f"{k}/{n}" for n in names for k in ("m", "v")]:
-        if key not in opt:
-            raise CheckpointError(f"checkpoint has no optimizer state 'opt/{key}'; it cannot "
-                                  "resume training (start a fresh run or load weights only)")
+    check_optimizer_state(opt, names)
     for n in names:
         s = _lookup(optimizer.state, n)
         s["m"], s["v"] = mx.array(opt[f"m/{n}"]), mx.array(opt[f"v/{n}"])
@@ -137,7 +134,7 @@ def ema_to_numpy(ema: dict[str, mx.array], model: DARTransformer) -> dict[str, n
 # The loop --------------------------------------------------------------------------------
 def train(tc: TrainConfig) -> Path:
     """Train (or resume, ``tc.resume``) a DARTransformer; returns the run folder."""
-    set_device(tc.device)
+    resolve_device(tc.device)
     group = mx.distributed.init()  # a one-process group unless started by mlx.launch
     rank, world = group.rank(), group.size()
     run = Run(tc, backend="mlx", rank=rank, world=world)

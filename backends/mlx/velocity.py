@@ -8,7 +8,7 @@ import numpy as np
 from dar_core.backend import VelocityModel
 from dar_core.spec.config import ModelConfig
 
-from .device import compute_dtype, set_device
+from .device import compute_dtype, resolve_device
 from .model import DARTransformer, as_mlx
 
 
@@ -31,6 +31,6 @@ def model_velocity(model: DARTransformer) -> VelocityModel:
 def velocity_model(config: ModelConfig, weights: dict[str, np.ndarray], precision: str = "fp32",
                    device: str = "auto") -> VelocityModel:
     """The contract's sampling entry point: ``weights`` is a canonical name -> array dict."""
-    set_device(device)
+    resolve_device(device)
     model = DARTransformer(config, dtype=compute_dtype(precision)).load_params(weights)
     return model_velocity(model)

@@ -2,6 +2,7 @@
 
 from .diagnostics import measure
 from .model import DARTransformer
-from .trainer import train, velocity_model
+from .trainer import compute_dtype, resolve_device, train, velocity_model
 
-__all__ = ["DARTransformer", "measure", "train", "velocity_model"]
+__all__ = ["DARTransformer", "compute_dtype", "measure", "resolve_device", "train",
+           "velocity_model"]

@@ -13,12 +13,12 @@ from dar_core.spec.config import ModelConfig
 from dar_core.spec.interpolant import interpolate, velocity_target
 
 from .model import DARTransformer
-from .trainer import pick_device
+from .trainer import resolve_device
 
 
 def measure(config: ModelConfig, weights: dict[str, np.ndarray], batch: dict[str, np.ndarray],
             t: float, device: str = "auto") -> dict[str, Any]:
-    dev = pick_device(device)
+    dev = resolve_device(device)
     model = DARTransformer(config)
     model.load_numpy(weights)
     model.to(dev).eval()

@@ -17,24 +17,42 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dar_core.backend import VelocityModel
+from dar_core.backend import VelocityModel, check_precision
+from dar_core.errors import ConfigError
+from dar_core.io.checkpoint import check_optimizer_state
 from dar_core.spec.config import ModelConfig
 from dar_core.spec.interpolant import interpolate, velocity_target
 from dar_core.train.run import Run, TrainConfig, env_rank_world
 
 from .model import DARTransformer
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
-def pick_device(device: str = "auto", local_rank: int = 0) -> torch.device:
+
+def resolve_device(device: str = "auto", *, local_rank: int = 0) -> torch.device:
+    """``"auto"`` (CUDA device ``local_rank`` when present, else the CPU), or a torch device
+    name (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``) that is available here."""
     if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        return torch.device("cpu")
-    return torch.device(device)
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else \
+            torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"device must be 'auto' or a torch device name, got {device!r}") from e
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": torch.backends.mps.is_available()}.get(dev.type, False)
+    if not available or (dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"device {device!r} is not available to torch on this machine")
+    return dev
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """``"fp32"`` / ``"bf16"`` -> the autocast dtype (``ConfigError`` otherwise)."""
+    return DTYPES[check_precision(precision)]
 
 
 def autocast(device: torch.device, precision: str):
-    if precision == "bf16":
+    if compute_dtype(precision) == torch.bfloat16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -84,20 +102,20 @@ def opt_state_to_numpy(opt: torch.optim.Optimizer, named: dict[str, torch.nn.Par
 
 def opt_state_from_numpy(opt: torch.optim.Optimizer, named: dict[str, torch.nn.Parameter],
                          saved: dict[str, np.ndarray]) -> None:
+    check_optimizer_state(saved, list(named))
     step = float(saved["step"])
     for name, p in named.items():
-        if f"m/{name}" in saved:
-            opt.state[p] = {
-                "step": torch.tensor(step),
-                "exp_avg": torch.from_numpy(saved[f"m/{name}"]).to(p.device, p.dtype),
-                "exp_avg_sq": torch.from_numpy(saved[f"v/{name}"]).to(p.device, p.dtype),
-            }
+        opt.state[p] = {
+            "step": torch.tensor(step),
+            "exp_avg": torch.from_numpy(saved[f"m/{name}"]).to(p.device, p.dtype),
+            "exp_avg_sq": torch.from_numpy(saved[f"v/{name}"]).to(p.device, p.dtype),
+        }
 
 
 def train(tc: TrainConfig) -> Path:
     rank, world = env_rank_world()
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    device = pick_device(tc.device, local_rank)
+    device = resolve_device(tc.device, local_rank=local_rank)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
@@ -170,6 +188,7 @@ def _velocity_handle(model: DARTransformer, device: torch.device, precision: str
                      ) -> VelocityModel:
     def velocity(x: torch.Tensor, t: float, y: torch.Tensor) -> torch.Tensor:
         tt = torch.full((x.shape[0],), t, device=device, dtype=torch.float32)
+        model.check_inputs(x, tt, y)  # like JAX and MLX: every sampler step is validated
         with torch.inference_mode(), autocast(device, precision):
             return model.velocity(x, tt, y).float()
 
@@ -183,7 +202,8 @@ def _velocity_handle(model: DARTransformer, device: torch.device, precision: str
 def velocity_model(config: ModelConfig, weights: dict[str, np.ndarray], precision: str = "fp32",
                    device: str = "auto") -> VelocityModel:
     """A sampling handle for the core samplers (``dar sample --backend torch``)."""
-    dev = pick_device(device)
+    dev = resolve_device(device)
+    compute_dtype(precision)
     model = DARTransformer(config)
     model.load_numpy(weights)
     return _velocity_handle(model.to(dev).eval(), dev, precision)

@@ -158,3 +158,18 @@ def load_checkpoint(path: str | os.PathLike, config: ModelConfig | None = None) 
         state=sections["state"],
         meta=json.loads(md.get("meta", "{}")),
     )
+
+
+def optimizer_state_keys(names: list[str]) -> list[str]:
+    """The ``opt/`` section every backend writes for AdamW: ``step`` (steps done), then the
+    first and second moments ``m/<name>``, ``v/<name>`` of every trainable parameter."""
+    return ["step"] + [f"{k}/{n}" for n in names for k in ("m", "v")]
+
+
+def check_optimizer_state(opt: dict[str, Any] | None, names: list[str]) -> None:
+    """Raise ``CheckpointError`` naming the first missing optimizer-state key (resume needs
+    every one; loading weights alone does not)."""
+    for key in optimizer_state_keys(names):
+        if opt is None or key not in opt:
+            raise CheckpointError(f"checkpoint has no optimizer state 'opt/{key}'; it cannot "
+                                  "resume training (start a fresh run or load weights only)")

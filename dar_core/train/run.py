@@ -36,13 +36,12 @@ from typing import Any
 
 import numpy as np
 
+from dar_core.backend import check_precision
 from dar_core.errors import CheckpointError, ConfigError, NonFiniteLossError
 from dar_core.io.checkpoint import Checkpoint, atomic_write_bytes, load_checkpoint, save_checkpoint
 from dar_core.sampling.samplers import SAMPLERS, sample
 from dar_core.spec.config import ModelConfig, RoutingConfig, model_config
 from dar_core.spec.interpolant import TIME_SAMPLINGS, sample_time
-
-PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -112,9 +111,7 @@ class TrainConfig:
             raise ConfigError(
                 f"time_sampling must be one of {list(TIME_SAMPLINGS)}, got {self.time_sampling!r}"
             )
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {list(PRECISIONS)}, "
-                              f"got {self.precision!r}")
+        check_precision(self.precision)
         if self.sample_sampler not in SAMPLERS:
             raise ConfigError(f"sample_sampler must be one of {list(SAMPLERS)}, "
                               f"got {self.sample_sampler!r}")

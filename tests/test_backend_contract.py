@@ -1,0 +1,77 @@
+"""The one backend contract (``dar_core.backend.Backend``), checked once for every installed
+backend: the same public names and signatures, and the same errors for the same misuse."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import numpy as np
+import pytest
+
+from dar_core.backend import BACKENDS, Backend, installed_backends, load_backend
+from dar_core.errors import CheckpointError, ConfigError
+from dar_core.io.checkpoint import check_optimizer_state, optimizer_state_keys
+from dar_core.spec.config import model_config
+from dar_core.spec.schema import random_params, trainable_names
+
+CONTRACT = ("DARTransformer", "train", "velocity_model", "resolve_device", "compute_dtype")
+INSTALLED = installed_backends()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    if request.param not in INSTALLED:
+        pytest.skip(f"{request.param} is not installed")
+    return load_backend(request.param)
+
+
+def _public(fn) -> list[tuple[str, object]]:
+    """Positional-or-keyword parameters with their defaults (keyword-only extras are a
+    backend's own, e.g. JAX's explicit device list)."""
+    return [(p.name, p.default) for p in inspect.signature(fn).parameters.values()
+            if p.kind is p.POSITIONAL_OR_KEYWORD]
+
+
+def test_every_backend_satisfies_the_protocol(backend):
+    assert isinstance(backend, Backend)
+    assert set(CONTRACT) <= set(backend.__all__)
+    assert inspect.isclass(backend.DARTransformer)
+
+
+def test_signatures_agree_across_backends():
+    if len(INSTALLED) < 2:
+        pytest.skip("fewer than two backends installed")
+    mods = {name: importlib.import_module(f"dar_core.backends.{name}") for name in INSTALLED}
+    for fn in CONTRACT[1:]:
+        sigs = {name: _public(getattr(m, fn)) for name, m in mods.items()}
+        assert len({repr(s) for s in sigs.values()}) == 1, f"{fn}: {sigs}"
+
+
+def test_bad_precision_is_a_config_error(backend):
+    with pytest.raises(ConfigError, match="'fp16'"):
+        backend.compute_dtype("fp16")
+    cfg = model_config("micro")
+    with pytest.raises(ConfigError, match="'fp16'"):
+        backend.velocity_model(cfg, random_params(cfg), precision="fp16", device="cpu")
+    assert backend.compute_dtype("fp32") is not None
+
+
+def test_bad_device_is_a_config_error(backend):
+    with pytest.raises(ConfigError, match="'warp-drive'"):
+        backend.resolve_device("warp-drive")
+    backend.resolve_device("cpu")
+
+
+def test_optimizer_state_layout_names_the_missing_key():
+    cfg = model_config("micro")
+    names = trainable_names(cfg)
+    keys = optimizer_state_keys(names)
+    assert keys[0] == "step" and len(keys) == 1 + 2 * len(names)
+    full = {k: np.zeros(1) for k in keys}
+    check_optimizer_state(full, names)
+    del full[f"v/{names[3]}"]
+    with pytest.raises(CheckpointError, match=f"'opt/v/{names[3]}'"):
+        check_optimizer_state(full, names)
+    with pytest.raises(CheckpointError, match="'opt/step'"):
+        check_optimizer_state(None, names)
