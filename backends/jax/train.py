@@ -30,7 +30,7 @@ from dar_core.spec.schema import NON_TRAINABLE, init_params, trainable_names
 from dar_core.train.run import Run, TrainConfig
 
 from .model import cast, forward
-from .velocity import DTYPES, resolve_device, velocity_model
+from .velocity import compute_dtype, resolve_device, velocity_model
 
 # Times each traced function was traced (a Python side effect runs only while tracing).
 TRACE_COUNTS: collections.Counter[str] = collections.Counter()
@@ -128,7 +128,7 @@ def make_train_step(cfg: ModelConfig, tc: TrainConfig, mesh: Mesh):
 @functools.lru_cache(maxsize=16)
 def compiled_step(cfg: ModelConfig, settings: StepSettings, mesh: Mesh):
     optimizer = make_optimizer(settings)
-    dtype = DTYPES[settings.precision]
+    dtype = compute_dtype(settings.precision)
 
     def train_step(state: TrainState, buffers: dict, batch: dict, decay: jax.Array):
         TRACE_COUNTS["train_step"] += 1

@@ -203,7 +203,7 @@ def velocity_model(config: ModelConfig, weights: dict[str, np.ndarray], precisio
                    device: str = "auto") -> VelocityModel:
     """A sampling handle for the core samplers (``dar sample --backend torch``)."""
     dev = resolve_device(device)
-    compute_dtype(precision)
+    compute_dtype(precision)  # reject a bad precision before building the model
     model = DARTransformer(config)
     model.load_numpy(weights)
     return _velocity_handle(model.to(dev).eval(), dev, precision)
