@@ -11,7 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from dar_core.backends.jax.model import DARTransformer, forward_jit
 from dar_core.backends.jax.routing import route as route_list
-from dar_core.backends.jax.train import (
+from dar_core.backends.jax.trainer import (
     initial_state,
     loss_fn,
     make_mesh,

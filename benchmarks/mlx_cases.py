@@ -10,7 +10,7 @@ import numpy as np
 
 from dar_core.backends.mlx.model import DARTransformer
 from dar_core.backends.mlx.routing import route as route_list
-from dar_core.backends.mlx.train import TrainStep, make_optimizer
+from dar_core.backends.mlx.trainer import TrainStep, make_optimizer
 from dar_core.spec.config import ModelConfig
 from dar_core.spec.routing import route
 from dar_core.spec.schema import trainable_names

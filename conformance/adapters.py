@@ -119,16 +119,14 @@ class MlxAdapter:
     dtypes = ("float32", "bfloat16")
 
     def __init__(self) -> None:
-        import importlib
-
         import mlx.core as mx
         import mlx.nn as nn
         from mlx.utils import tree_flatten
 
         from dar_core.backends import mlx as bm
         from dar_core.backends.mlx import routing as mr
+        from dar_core.backends.mlx import trainer as mt
 
-        mt = importlib.import_module("dar_core.backends.mlx.train")  # not the train function
 
         self.mx, self.nn, self.flatten, self.bm, self.mr, self.mt = mx, nn, tree_flatten, bm, mr, mt
 
@@ -178,16 +176,14 @@ class JaxAdapter:
     dtypes = ("float32", "bfloat16")
 
     def __init__(self) -> None:
-        import importlib
-
         import jax
         import jax.numpy as jnp
 
         from dar_core.backends import jax as bj
         from dar_core.backends.jax import model as jm
         from dar_core.backends.jax import routing as jr
+        from dar_core.backends.jax import trainer as jt
 
-        jt = importlib.import_module("dar_core.backends.jax.train")  # not the train function
         self.jax, self.jnp, self.bj, self.jm, self.jr, self.jt = jax, jnp, bj, jm, jr, jt
         self.calls = 0
 

@@ -46,7 +46,7 @@ def main() -> None:
     import jax  # after argparse, so that --help answers at once
 
     from dar_core.backends.jax import train
-    from dar_core.backends.jax.train import initialize_distributed
+    from dar_core.backends.jax.trainer import initialize_distributed
     from dar_core.sampling.from_checkpoint import sample_checkpoint
     from dar_core.train.run import TrainConfig
 

@@ -29,7 +29,7 @@ RUN_SCRIPT = textwrap.dedent("""
     import json, sys
     from dar_core.train.run import TrainConfig
     from dar_core.backends.jax import train
-    from dar_core.backends.jax.train import TRACE_COUNTS
+    from dar_core.backends.jax.trainer import TRACE_COUNTS
     train(TrainConfig(**json.loads(sys.argv[1])))
     print(json.dumps({"traces": TRACE_COUNTS["train_step"]}))
 """)
@@ -42,7 +42,7 @@ TWO_DEVICE_SCRIPT = textwrap.dedent("""
     from jax.sharding import NamedSharding, PartitionSpec
     from dar_core.train.run import TrainConfig, TrainStream, make_train_dataset
     from dar_core.backends.jax import train
-    from dar_core.backends.jax.train import (TRACE_COUNTS, initial_state, make_mesh,
+    from dar_core.backends.jax.trainer import (TRACE_COUNTS, initial_state, make_mesh,
         make_optimizer, make_train_step, replicate, shard_batch)
     tc = TrainConfig(**json.loads(sys.argv[1]))
     train(tc.replace(out=tc.out + "/one"), devices=jax.devices()[:1])

@@ -12,11 +12,11 @@ import jax.numpy as jnp  # noqa: E402
 from dar_core.backends.jax import DARTransformer, velocity_model  # noqa: E402
 from dar_core.backends.jax import model as jax_model  # noqa: E402
 from dar_core.backends.jax.model import forward  # noqa: E402
-from dar_core.backends.jax.routing import History  # noqa: E402
+from dar_core.backends.jax.routing import History, NaiveHistory  # noqa: E402
 from dar_core.errors import CheckpointError, ConfigError, InputError  # noqa: E402
 from dar_core.spec import reference  # noqa: E402
 from dar_core.spec.config import model_config  # noqa: E402
-from dar_core.spec.routing import route, source_sets  # noqa: E402
+from dar_core.spec.routing import source_sets  # noqa: E402
 from dar_core.spec.schema import init_params, param_shapes, random_params, router_prefixes  # noqa: E402
 from dar_core.testing import PARITY_VARIANTS, parity_inputs, rel_err  # noqa: E402
 
@@ -39,30 +39,6 @@ def _params(cfg, seed=1):
 
 
 _inputs = parity_inputs
-
-
-class NaiveHistory:
-    """Routing the plain way: a Python list of sources, re-stacked for every aggregator and
-    mixed by the core's array-API ``route`` (the readable specification)."""
-
-    def __init__(self, cfg, params, v0, t_emb):
-        self.cfg, self.p, self.t_emb = cfg, params, t_emb
-        self.items = [v0]
-        self.sets = source_sets(cfg.num_sublayers, cfg.routing)
-        self.prefixes = router_prefixes(cfg)
-
-    def write(self, v):
-        self.items.append(v)
-
-    def read(self, agg):
-        idx = self.sets[agg]
-        if not self.cfg.routing.is_dar:
-            return sum(self.items[i] for i in idx)
-        prefix = self.prefixes[agg]
-        q = reference.router_query(self.cfg, self.p, prefix, self.t_emb, self.items[-1])
-        h, _ = route(jnp.stack([self.items[i] for i in idx]), q,
-                     self.p[f"{prefix}.norm.weight"], eps=self.cfg.routing.norm_eps)
-        return h
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

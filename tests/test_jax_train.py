@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from dar_core import cli  # noqa: E402
 from dar_core.backends.jax import train  # noqa: E402
-from dar_core.backends.jax.train import (  # noqa: E402
+from dar_core.backends.jax.trainer import (  # noqa: E402
     TRACE_COUNTS,
     TrainState,
     compiled_step,

@@ -16,7 +16,7 @@ from mlx.utils import tree_flatten  # noqa: E402
 from dar_core import cli  # noqa: E402
 from dar_core.backends.mlx import train  # noqa: E402
 from dar_core.backends.mlx.model import DARTransformer  # noqa: E402
-from dar_core.backends.mlx.train import (  # noqa: E402
+from dar_core.backends.mlx.trainer import (  # noqa: E402
     TrainStep,
     loss_fn,
     make_optimizer,

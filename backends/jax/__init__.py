@@ -1,8 +1,9 @@
 """JAX backend of dar: ``DARTransformer`` (pure functions over a flat parameter dict),
 ``train(tc)`` (jitted, data-parallel over a device mesh) and ``velocity_model``."""
 
+from .device import compute_dtype, resolve_device
 from .model import DARTransformer
-from .train import train
-from .velocity import compute_dtype, resolve_device, velocity_model
+from .trainer import train
+from .velocity import velocity_model
 
 __all__ = ["DARTransformer", "compute_dtype", "resolve_device", "train", "velocity_model"]

@@ -33,8 +33,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from dar_core.spec import reference
 from dar_core.spec.config import ModelConfig, RoutingConfig
-from dar_core.spec.routing import source_slices
+from dar_core.spec.routing import route as spec_route
+from dar_core.spec.routing import source_sets, source_slices
 from dar_core.spec.schema import router_prefixes
 
 
@@ -97,6 +99,30 @@ class History:
         values = [v for s in self.slices[agg] for v in self.values[s]]  # N x [B, T, d]
         rstd = [r for s in self.slices[agg] for r in self.rstd[s]]  # N x [B, T]
         return mix(values, rstd, qw, self.acc)[0].astype(newest.dtype)
+
+
+class NaiveHistory:
+    """Routing the plain way, for tests: a Python list of sources, re-stacked for every
+    aggregator, with the core's array-API query and ``route`` (the readable specification)."""
+
+    def __init__(self, cfg: ModelConfig, params: dict, v0: jax.Array, t_emb: jax.Array):
+        self.cfg, self.params, self.t_emb = cfg, params, t_emb
+        self.items = [v0]
+        self.sets = source_sets(cfg.num_sublayers, cfg.routing)
+        self.prefixes = router_prefixes(cfg)
+
+    def write(self, v: jax.Array) -> None:
+        self.items.append(v)
+
+    def read(self, agg: int) -> jax.Array:
+        idx = self.sets[agg]
+        if not self.cfg.routing.is_dar:
+            return sum(self.items[i] for i in idx)
+        prefix = self.prefixes[agg]
+        q = reference.router_query(self.cfg, self.params, prefix, self.t_emb, self.items[-1])
+        h, _ = spec_route(jnp.stack([self.items[i] for i in idx]), q,
+                          self.params[f"{prefix}.norm.weight"], eps=self.cfg.routing.norm_eps)
+        return h
 
 
 def mix(values: list[jax.Array], rstd: list[jax.Array], qw: jax.Array,

@@ -2,7 +2,7 @@
 
 from .device import compute_dtype, resolve_device
 from .model import DARTransformer
-from .train import train
+from .trainer import train
 from .velocity import velocity_model
 
 __all__ = ["DARTransformer", "compute_dtype", "resolve_device", "train", "velocity_model"]

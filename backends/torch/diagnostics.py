@@ -12,8 +12,8 @@ from dar_core.diagnostics.symptoms import summarize_pass
 from dar_core.spec.config import ModelConfig
 from dar_core.spec.interpolant import interpolate, velocity_target
 
+from .device import resolve_device
 from .model import DARTransformer
-from .trainer import resolve_device
 
 
 def measure(config: ModelConfig, weights: dict[str, np.ndarray], batch: dict[str, np.ndarray],

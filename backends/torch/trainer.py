@@ -8,7 +8,6 @@ sees the same global batch as a single process.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 from pathlib import Path
@@ -17,44 +16,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dar_core.backend import VelocityModel, check_precision
-from dar_core.errors import ConfigError
 from dar_core.io.checkpoint import check_optimizer_state
-from dar_core.spec.config import ModelConfig
 from dar_core.spec.interpolant import interpolate, velocity_target
 from dar_core.train.run import Run, TrainConfig, env_rank_world
 
+from .device import autocast, resolve_device
 from .model import DARTransformer
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def resolve_device(device: str = "auto", *, local_rank: int = 0) -> torch.device:
-    """``"auto"`` (CUDA device ``local_rank`` when present, else the CPU), or a torch device
-    name (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``) that is available here."""
-    if device == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else \
-            torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ConfigError(f"device must be 'auto' or a torch device name, got {device!r}") from e
-    available = {"cpu": True, "cuda": torch.cuda.is_available(),
-                 "mps": torch.backends.mps.is_available()}.get(dev.type, False)
-    if not available or (dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count()):
-        raise ConfigError(f"device {device!r} is not available to torch on this machine")
-    return dev
-
-
-def compute_dtype(precision: str) -> torch.dtype:
-    """``"fp32"`` / ``"bf16"`` -> the autocast dtype (``ConfigError`` otherwise)."""
-    return DTYPES[check_precision(precision)]
-
-
-def autocast(device: torch.device, precision: str):
-    if compute_dtype(precision) == torch.bfloat16:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+from .velocity import model_velocity
 
 
 def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -178,32 +146,7 @@ def _train(tc: TrainConfig, rank: int, world: int, device: torch.device) -> Path
             run.save(n, params=model.numpy_params(), ema=ema.numpy_params(),
                      opt=opt_state_to_numpy(opt, named, n))
         if run.should_sample(step):
-            vm = _velocity_handle(ema, device, tc.precision)
+            vm = model_velocity(ema, device, tc.precision)
             run.sample_grid(step, vm.velocity, vm.asarray, vm.to_numpy)
     run.finish()
     return run.dir
-
-
-def _velocity_handle(model: DARTransformer, device: torch.device, precision: str
-                     ) -> VelocityModel:
-    def velocity(x: torch.Tensor, t: float, y: torch.Tensor) -> torch.Tensor:
-        tt = torch.full((x.shape[0],), t, device=device, dtype=torch.float32)
-        model.check_inputs(x, tt, y)  # like JAX and MLX: every sampler step is validated
-        with torch.inference_mode(), autocast(device, precision):
-            return model.velocity(x, tt, y).float()
-
-    return VelocityModel(
-        velocity=velocity,
-        asarray=lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device),
-        to_numpy=lambda a: a.detach().float().cpu().numpy(),
-    )
-
-
-def velocity_model(config: ModelConfig, weights: dict[str, np.ndarray], precision: str = "fp32",
-                   device: str = "auto") -> VelocityModel:
-    """A sampling handle for the core samplers (``dar sample --backend torch``)."""
-    dev = resolve_device(device)
-    compute_dtype(precision)  # reject a bad precision before building the model
-    model = DARTransformer(config)
-    model.load_numpy(weights)
-    return _velocity_handle(model.to(dev).eval(), dev, precision)

@@ -29,8 +29,9 @@ from dar_core.spec.interpolant import interpolate, velocity_target
 from dar_core.spec.schema import NON_TRAINABLE, init_params, trainable_names
 from dar_core.train.run import Run, TrainConfig
 
+from .device import compute_dtype, resolve_device
 from .model import cast, forward
-from .velocity import compute_dtype, resolve_device, velocity_model
+from .velocity import velocity_model
 
 # Times each traced function was traced (a Python side effect runs only while tracing).
 TRACE_COUNTS: collections.Counter[str] = collections.Counter()
