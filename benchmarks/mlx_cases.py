@@ -33,7 +33,7 @@ def train_step(cfg: ModelConfig, batch_size: int):
     model = DARTransformer(cfg, seed=tc.seed)
     optimizer = make_optimizer(tc)
     optimizer.init(model.trainable_parameters())
-    params = model.params_numpy()
+    params = model.export_weights()
     ema = {n: mx.array(params[n]) for n in trainable_names(cfg)}
     step_fn = TrainStep(model, optimizer, ema, grad_clip=tc.grad_clip, ema_decay=tc.ema_decay,
                         compile=True)

@@ -59,9 +59,9 @@ class TorchAdapter:
         m = self.bt.DARTransformer(cfg)
         if dtype == "float64":
             m = m.double()
-            m.load_numpy({k: np.asarray(v, np.float64) for k, v in params.items()})
+            m.load_weights({k: np.asarray(v, np.float64) for k, v in params.items()})
         else:
-            m.load_numpy({k: np.asarray(v, np.float32) for k, v in params.items()})
+            m.load_weights({k: np.asarray(v, np.float32) for k, v in params.items()})
         return m, (torch.float64 if dtype == "float64" else torch.float32)
 
     def _ctx(self, dtype: str):
@@ -133,7 +133,7 @@ class MlxAdapter:
     def _model(self, cfg, params, dtype):
         mx = self.mx
         return self.bm.DARTransformer(cfg, dtype=mx.bfloat16 if dtype == "bfloat16"
-                                      else mx.float32).load_params(
+                                      else mx.float32).load_weights(
             {k: np.asarray(v, np.float32) for k, v in params.items()})
 
     def forward(self, cfg, params, x, t, y, dtype="float32"):
@@ -194,7 +194,7 @@ class JaxAdapter:
         self.calls += 1
         if self.calls % 64 == 0:
             self.jax.clear_caches()
-        return self.bj.DARTransformer(cfg).load({k: np.asarray(v, np.float32)
+        return self.bj.DARTransformer(cfg).load_weights({k: np.asarray(v, np.float32)
                                                  for k, v in params.items()})
 
     def forward(self, cfg, params, x, t, y, dtype="float32"):

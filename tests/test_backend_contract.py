@@ -48,6 +48,24 @@ def test_signatures_agree_across_backends():
         assert len({repr(s) for s in sigs.values()}) == 1, f"{fn}: {sigs}"
 
 
+def test_weights_round_trip_under_the_canonical_names(backend):
+    """``load_weights`` takes a canonical name -> NumPy dict and ``export_weights`` gives the
+    same dict back (torch and MLX modules hold the weights; JAX returns them as its params)."""
+    cfg = model_config("micro", routing="dar")
+    weights = {k: v.astype(np.float32) for k, v in random_params(cfg, seed=3).items()}
+    model = backend.DARTransformer(cfg)
+    loaded = model.load_weights(weights)
+    out = model.export_weights() if loaded is model else model.export_weights(loaded)
+    assert sorted(out) == sorted(weights)
+    for k, v in weights.items():
+        assert out[k].dtype == np.float32 and out[k].shape == v.shape, k
+        np.testing.assert_array_equal(out[k], v, err_msg=k)
+    bad = dict(weights)
+    bad.pop("final_layer.linear.weight")
+    with pytest.raises(CheckpointError, match="final_layer.linear.weight"):
+        model.load_weights(bad)
+
+
 def test_bad_precision_is_a_config_error(backend):
     with pytest.raises(ConfigError, match="'fp16'"):
         backend.compute_dtype("fp16")

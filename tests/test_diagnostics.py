@@ -65,7 +65,7 @@ def test_residual_importance_equals_finite_differences(t):
     batch = eval_batch(cfg, n=4)
     got = measure(cfg, {k: v.astype(np.float32) for k, v in params.items()}, batch, t)
     model = DARTransformer(cfg).double()
-    model.load_numpy(params)
+    model.load_weights(params)
     x, noise = (torch.from_numpy(batch[k]).double() for k in ("x", "noise"))
     y, tt = torch.from_numpy(batch["y"]), torch.full((4,), t, dtype=torch.float64)
     x_t = tt[:, None, None, None] * x + (1 - tt[:, None, None, None]) * noise

@@ -48,7 +48,7 @@ def test_forward_float32_matches_float64_reference(name):
     x, t, y = _inputs(cfg)
     ref = reference.forward(p, cfg, x, t, y)
     model = DARTransformer(cfg)
-    out = model(model.load(p), x.astype(np.float32), t.astype(np.float32), y)
+    out = model(model.load_weights(p), x.astype(np.float32), t.astype(np.float32), y)
     assert isinstance(out, jax.Array) and out.dtype == jnp.float32 and out.shape == ref.shape
     assert rel_err(out, ref) < 1e-4
     if cfg.routing.is_dar:  # the test is sensitive to routing: uniform routing is far off
@@ -165,7 +165,7 @@ def test_init_is_the_core_init_and_loads_checkpoint_dicts():
     for k, v in core.items():
         assert params[k].dtype == jnp.float32 and np.array_equal(np.asarray(params[k]), v), k
     x, t, y = _inputs(cfg)
-    loaded = model.load(core)
+    loaded = model.load_weights(core)
     out = model(loaded, x.astype(np.float32), t.astype(np.float32), y)
     assert rel_err(out, reference.forward(core, cfg, x, t, y)) < 1e-4
 
@@ -218,11 +218,11 @@ def test_weights_of_another_config_are_rejected():
     model = DARTransformer(_config(VARIANTS["c4_static_t"]))
     other = init_params(_config(VARIANTS["dense_dynamic"]))
     with pytest.raises(CheckpointError, match=r"query"):
-        model.load(other)
+        model.load_weights(other)
     wider = init_params(model_config("micro", routing=VARIANTS["c4_static_t"], depth=4,
                                      hidden_size=64))
     with pytest.raises(CheckpointError, match=r"pos_embed.*has shape \(1, 4, 64\)"):
-        model.load(wider)
+        model.load_weights(wider)
     with pytest.raises(CheckpointError, match=r"query"):  # the call checks names too
         model({k: jnp.asarray(v) for k, v in other.items()}, np.zeros((1, 3, 8, 8), np.float32),
               np.zeros(1, np.float32), np.zeros(1, np.int64))

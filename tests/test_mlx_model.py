@@ -48,7 +48,7 @@ def test_forward_matches_float64_reference(name):
     params = random_params(cfg, seed=1)
     x, t, y = inputs(cfg)
     ref = reference.forward(params, cfg, x, t, y)
-    out = DARTransformer(cfg).load_params(params)(x, t, y)
+    out = DARTransformer(cfg).load_weights(params)(x, t, y)
     assert isinstance(out, mx.array) and out.dtype == mx.float32
     assert tuple(out.shape) == ref.shape
     assert_close(np.array(out), ref, 1e-4, f"{name} forward")
@@ -68,8 +68,8 @@ def test_gradients_match_naive_route(name):
     params = random_params(cfg, seed=2)
     x, t, y = (mx.array(a) for a in inputs(cfg, seed=3))
     g = mx.array(np.random.default_rng(4).standard_normal((3, 3, 8, 8)).astype(np.float32))
-    fast = _grads(DARTransformer(cfg).load_params(params), x, t, y, g)
-    naive = _grads(DARTransformer(cfg, routing_impl="naive").load_params(params), x, t, y, g)
+    fast = _grads(DARTransformer(cfg).load_weights(params), x, t, y, g)
+    naive = _grads(DARTransformer(cfg, routing_impl="naive").load_weights(params), x, t, y, g)
     assert sorted(fast) == sorted(trainable_names(cfg))  # every trainable name, no pos_embed
     routers = [k for k in fast if "router" in k]
     assert routers, "a DAR config must have routing parameters"
@@ -90,7 +90,7 @@ def test_gradient_matches_reference_finite_difference(name):
     params = random_params(cfg, seed=5)
     x, t, y = inputs(cfg, seed=6)
     g = np.random.default_rng(7).standard_normal((3, 3, 8, 8))
-    grads = _grads(DARTransformer(cfg).load_params(params), *map(mx.array, (x, t, y)),
+    grads = _grads(DARTransformer(cfg).load_weights(params), *map(mx.array, (x, t, y)),
                    mx.array(g.astype(np.float32)))
     rng = np.random.default_rng(8)
     direction = {k: rng.standard_normal(params[k].shape) for k in grads}
@@ -122,11 +122,11 @@ def test_parameter_names_and_frozen_pos_embed():
     cfg = micro(ROUTINGS["c4_static_t"])
     m = DARTransformer(cfg)
     names = dict(tree_flatten(m.parameters()))
-    assert list(param_shapes(cfg)) == list(m.params_numpy())
+    assert list(param_shapes(cfg)) == list(m.export_weights())
     assert {k: tuple(v.shape) for k, v in names.items()} == param_shapes(cfg)
     trainable = [k for k, _ in tree_flatten(m.trainable_parameters())]
     assert sorted(trainable) == sorted(trainable_names(cfg)) and "pos_embed" not in trainable
-    pos = m.params_numpy()["pos_embed"]
+    pos = m.export_weights()["pos_embed"]
     np.testing.assert_allclose(pos[0], pos_embed_2d(cfg.hidden_size, cfg.grid_size), atol=1e-6)
 
 
@@ -141,20 +141,20 @@ def test_core_weights_load_through_mlx_apis():
     b.update(tree_unflatten([(k, mx.array(v)) for k, v in params.items()]))
     for m in (a, b):
         assert_close(np.array(m(x, t, y)), ref, 1e-4, "forward after load")
-    for k, v in a.params_numpy().items():
+    for k, v in a.export_weights().items():
         assert np.array_equal(v, params[k]), k
 
 
 def test_wrong_config_weights_raise_checkpoint_error():
     small = random_params(micro(ROUTINGS["c4_static_t"]))
     with pytest.raises(CheckpointError, match="query_proj"):
-        DARTransformer(micro(ROUTINGS["dense_dynamic"])).load_params(small)
+        DARTransformer(micro(ROUTINGS["dense_dynamic"])).load_weights(small)
     deeper = micro(ROUTINGS["c4_static_t"]).replace(depth=5)
     with pytest.raises(CheckpointError, match="blocks.4"):
-        DARTransformer(deeper).load_params(small)
+        DARTransformer(deeper).load_weights(small)
     wide = micro(ROUTINGS["c4_static_t"]).replace(hidden_size=64)
     with pytest.raises(CheckpointError, match=r"'pos_embed' has shape \(1, 4, 32\)"):
-        DARTransformer(wide).load_params(small)
+        DARTransformer(wide).load_weights(small)
 
 
 def test_bad_inputs_raise_named_errors():
@@ -196,7 +196,7 @@ def test_bf16_compute_keeps_float32_weights():
     params = random_params(cfg, seed=11)
     x, t, y = inputs(cfg)
     ref = reference.forward(params, cfg, x, t, y)
-    m = DARTransformer(cfg, dtype=mx.bfloat16).load_params(params)
+    m = DARTransformer(cfg, dtype=mx.bfloat16).load_weights(params)
     out = m(x, t, y)
     assert out.dtype == mx.float32
     assert all(v.dtype == mx.float32 for _, v in tree_flatten(m.parameters()))

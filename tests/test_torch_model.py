@@ -30,7 +30,7 @@ def test_forward_matches_reference(name):
     x, t, y = _inputs(cfg)
     ref = forward(p, cfg, x, t, y)
     model = DARTransformer(cfg)
-    model.load_numpy({k: v.astype(np.float32) for k, v in p.items()})
+    model.load_weights({k: v.astype(np.float32) for k, v in p.items()})
     with torch.no_grad():
         out = model(*_torch(x, t, y)).numpy()
     assert out.dtype == np.float32 and out.shape == ref.shape
@@ -46,7 +46,7 @@ def test_history_routing_gradients_match_naive(name):
     grads, outs = [], []
     for impl in ("history", "naive"):
         m = DARTransformer(cfg, routing_impl=impl).double()
-        m.load_numpy(p)
+        m.load_weights(p)
         out = m(*_torch(x, t, y, torch.float64))
         (out.square().mean() + out.mean()).backward()
         outs.append(out.detach())
@@ -134,13 +134,13 @@ def test_mismatched_checkpoint_names_the_key(tmp_path):
     path = save_checkpoint(tmp_path / "c.safetensors", cfg, init_params(cfg))
     model = DARTransformer(cfg.replace(depth=5))
     with pytest.raises(CheckpointError, match="blocks.4"):
-        model.load_numpy(load_checkpoint(path).params)
+        model.load_weights(load_checkpoint(path).params)
 
 
 def test_bf16_autocast_forward_close_to_fp32():
     cfg = model_config("tiny", routing=RoutingConfig(query="static_t"))
     model = DARTransformer(cfg)
-    model.load_numpy(random_params(cfg, 4, dtype=np.float32))
+    model.load_weights(random_params(cfg, 4, dtype=np.float32))
     x, t, y = _torch(*_inputs(cfg))
     with torch.no_grad():
         ref = model(x, t, y)
@@ -154,7 +154,7 @@ def test_bf16_autocast_backward_runs_and_is_finite(query):
     """Under CPU autocast the gradient reaching the final aggregator can arrive in bf16."""
     cfg = model_config("tiny", routing=RoutingConfig(query=query, chunk_size=4))
     model = DARTransformer(cfg)
-    model.load_numpy(random_params(cfg, 4, dtype=np.float32))
+    model.load_weights(random_params(cfg, 4, dtype=np.float32))
     x, t, y = _torch(*_inputs(cfg))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x, t, y)

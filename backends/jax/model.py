@@ -156,7 +156,8 @@ class DARTransformer:
     """The model of a ``ModelConfig``; parameters live outside, in a flat dict pytree.
 
     - ``init(seed)``: DiT/DAR initialization from the core, as ``jnp`` float32 arrays;
-    - ``load(weights)``: a checkpoint's ``params``/``ema`` dict, checked against the schema;
+    - ``load_weights(weights)``: a checkpoint's ``params``/``ema`` dict, checked against the
+      schema, as the parameter dict; ``export_weights(params)``: back to float32 NumPy;
     - ``apply(params, x, t, y)``: the pure forward, for use inside ``jax.jit``/``grad``;
     - ``__call__(params, x, t, y)``: validates shapes, values and parameter names at the
       boundary (host-side), then runs the jitted forward (``forward_jit``).
@@ -170,10 +171,15 @@ class DARTransformer:
     def init(self, seed: int = 0) -> dict[str, jax.Array]:
         return {k: jnp.asarray(v) for k, v in init_params(self.config, seed).items()}
 
-    def load(self, weights: dict, dtype: jnp.dtype = jnp.float32) -> dict[str, jax.Array]:
+    def load_weights(self, weights: dict, dtype: jnp.dtype = jnp.float32) -> dict[str, jax.Array]:
         check_params(self.config, weights, where="weights")
         return {k: jnp.asarray(np.asarray(v, dtype=np.float32), dtype=dtype)
                 for k, v in weights.items()}
+
+    def export_weights(self, params: dict) -> dict[str, np.ndarray]:
+        """Every schema name -> float32 NumPy array (host copies), checked against the schema."""
+        check_params(self.config, params, where="params")
+        return {k: np.asarray(jax.device_get(v), dtype=np.float32) for k, v in params.items()}
 
     def apply(self, params: dict, x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
         return forward(params, self.config, x, t, y)

@@ -30,7 +30,7 @@ from dar_core.spec.schema import NON_TRAINABLE, init_params, trainable_names
 from dar_core.train.run import Run, TrainConfig
 
 from .device import compute_dtype, resolve_device
-from .model import cast, forward
+from .model import DARTransformer, cast, forward
 from .velocity import velocity_model
 
 # Times each traced function was traced (a Python side effect runs only while tracing).
@@ -218,10 +218,11 @@ def train(tc: TrainConfig, *, devices: Any = None) -> Path:
     sharded = NamedSharding(mesh, PartitionSpec("data"))
     optimizer = make_optimizer(tc)
     state, buffers = replicate(initial_state(cfg, tc, optimizer, run.resume_checkpoint()), mesh)
+    model = DARTransformer(cfg)
     step_fn = make_train_step(cfg, tc, mesh)
 
     def ema_weights() -> dict[str, np.ndarray]:
-        return {**to_host(state.ema), **to_host(buffers)}
+        return model.export_weights({**state.ema, **buffers})
 
     # The loss of step s is fetched after step s+1 is dispatched, so the host never waits on
     # the device mid-stream; it is fetched at once before a checkpoint or sample of step s.
@@ -243,7 +244,7 @@ def train(tc: TrainConfig, *, devices: Any = None) -> Path:
             flush()
         if run.should_checkpoint(step) and run.is_main:
             n = run.done(step)
-            run.save(n, params={**to_host(state.params), **to_host(buffers)}, ema=ema_weights(),
+            run.save(n, params=model.export_weights({**state.params, **buffers}), ema=ema_weights(),
                      opt=opt_to_checkpoint(state.opt, n))
         if run.should_sample(step) and run.is_main:
             vm = velocity_model(cfg, ema_weights(), precision=tc.precision,

@@ -20,7 +20,7 @@ def velocity_model(config: ModelConfig, weights: dict[str, np.ndarray], precisio
     device, computing in ``precision`` (``"fp32"`` or ``"bf16"``); outputs are float32."""
     model = DARTransformer(config)
     dev = resolve_device(device)
-    params = jax.device_put(model.load(weights, dtype=compute_dtype(precision)), dev)
+    params = jax.device_put(model.load_weights(weights, dtype=compute_dtype(precision)), dev)
 
     def velocity(x: jax.Array, t: float, y: jax.Array) -> jax.Array:
         tb = jax.device_put(np.full((x.shape[0],), t, dtype=np.float32), dev)

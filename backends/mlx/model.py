@@ -2,7 +2,7 @@
 
 Parameter names are exactly ``dar_core.spec.schema.param_shapes(config)`` (DiT's names plus one
 router per aggregator), so ``model.load_weights(list(weights.items()))`` with a core checkpoint
-converted to ``mx.array`` works, and ``load_params`` does the conversion and checks for you.
+converted to ``mx.array`` works, and ``load_weights`` does the conversion and checks for you.
 ``pos_embed`` is a frozen array: it is saved and loaded under its name but never trained.
 
 The public ``__call__`` takes ``x [B, C, H, W]``, ``t [B]`` in [0, 1] and integer ``y [B]``
@@ -263,17 +263,21 @@ class DARTransformer(nn.Module):
         if cfg.routing.is_dar:
             self.final_router = Router(d, cfg.routing.query, cfg.routing.norm_eps)
         self.freeze(keys=sorted(NON_TRAINABLE), recurse=False)
-        self.load_params(init_params(cfg, seed))
+        self.load_weights(init_params(cfg, seed))
 
     # Weights ----------------------------------------------------------------------------
-    def load_params(self, weights: dict) -> DARTransformer:
+    def load_weights(self, weights: dict | list | str, strict: bool = True) -> DARTransformer:
         """Load a canonical ``name -> array`` dict (NumPy or MLX), e.g. a checkpoint's
-        ``params``/``ema``; raises CheckpointError naming the first mismatch."""
+        ``params``/``ema``; raises CheckpointError naming the first mismatch. MLX's own forms
+        of ``nn.Module.load_weights`` (a file, or a list of ``(name, array)`` pairs) pass
+        through to it unchanged."""
+        if not isinstance(weights, dict):
+            return super().load_weights(weights, strict=strict)
         check_params(self.config, weights, where="weights")
-        self.load_weights([(k, as_mlx(v).astype(mx.float32)) for k, v in weights.items()])
+        super().load_weights([(k, as_mlx(v).astype(mx.float32)) for k, v in weights.items()])
         return self
 
-    def params_numpy(self) -> dict[str, np.ndarray]:
+    def export_weights(self) -> dict[str, np.ndarray]:
         """Every parameter and buffer as float32 NumPy, in the schema's order."""
         flat = dict(tree_flatten(self.parameters()))
         mx.eval(list(flat.values()))

@@ -146,9 +146,9 @@ def train(tc: TrainConfig) -> Path:
     optimizer = make_optimizer(tc)
     optimizer.init(model.trainable_parameters())
     if ckpt is not None:
-        model.load_params(ckpt.params)
+        model.load_weights(ckpt.params)
         opt_from_numpy(optimizer, ckpt.opt, names)
-    source = ckpt.ema if ckpt is not None and ckpt.ema is not None else model.params_numpy()
+    source = ckpt.ema if ckpt is not None and ckpt.ema is not None else model.export_weights()
     ema = {n: mx.array(np.asarray(source[n], dtype=np.float32)) for n in names}
     step_fn = TrainStep(model, optimizer, ema, grad_clip=tc.grad_clip, ema_decay=tc.ema_decay,
                         group=group, compile=tc.compile)
@@ -167,10 +167,10 @@ def train(tc: TrainConfig) -> Path:
             batch = device_batch(step + 1)  # drawn on the host while the step runs
         run.log(step, loss.item(), norm.item())
         if run.should_checkpoint(step) and run.is_main:
-            run.save(run.done(step), params=model.params_numpy(),
+            run.save(run.done(step), params=model.export_weights(),
                      ema=ema_to_numpy(ema, model), opt=opt_to_numpy(optimizer, names))
         if run.should_sample(step) and sampler is not None:
-            sampler_model.load_params({**ema, "pos_embed": model.pos_embed})
+            sampler_model.load_weights({**ema, "pos_embed": model.pos_embed})
             run.sample_grid(step, sampler.velocity, sampler.asarray, sampler.to_numpy)
     run.finish()
     return run.dir

@@ -32,5 +32,5 @@ def velocity_model(config: ModelConfig, weights: dict[str, np.ndarray], precisio
                    device: str = "auto") -> VelocityModel:
     """The contract's sampling entry point: ``weights`` is a canonical name -> array dict."""
     resolve_device(device)
-    model = DARTransformer(config, dtype=compute_dtype(precision)).load_params(weights)
+    model = DARTransformer(config, dtype=compute_dtype(precision)).load_weights(weights)
     return model_velocity(model)

@@ -20,7 +20,7 @@ def measure(config: ModelConfig, weights: dict[str, np.ndarray], batch: dict[str
             t: float, device: str = "auto") -> dict[str, Any]:
     dev = resolve_device(device)
     model = DARTransformer(config)
-    model.load_numpy(weights)
+    model.load_weights(weights)
     model.to(dev).eval()
     x, noise = (torch.from_numpy(batch[k]).to(dev) for k in ("x", "noise"))
     y = torch.from_numpy(batch["y"]).to(dev)

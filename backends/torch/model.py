@@ -177,19 +177,21 @@ class DARTransformer(nn.Module):
         if cfg.routing.is_dar:
             self.final_router = Router(d, cfg.routing.query, cfg.routing.norm_eps)
         self.final_layer = FinalLayer(d, cfg.patch_size, cfg.out_channels)
-        self.load_numpy(init_params(cfg, seed))
+        self.load_weights(init_params(cfg, seed))
 
     # Weights ---------------------------------------------------------------------------
-    def load_numpy(self, params: dict[str, np.ndarray]) -> None:
-        """Load a canonical NumPy parameter dict (a core checkpoint's ``params``/``ema``)."""
+    def load_weights(self, params: dict[str, np.ndarray]) -> DARTransformer:
+        """Load a canonical NumPy parameter dict (a core checkpoint's ``params``/``ema``);
+        returns the model."""
         from dar_core.spec.schema import check_params
 
         check_params(self.config, params)
         ref = self.state_dict()
         self.load_state_dict({k: torch.from_numpy(np.asarray(v)).to(ref[k].dtype)
                               for k, v in params.items()})
+        return self
 
-    def numpy_params(self) -> dict[str, np.ndarray]:
+    def export_weights(self) -> dict[str, np.ndarray]:
         return {k: v.detach().float().cpu().numpy() for k, v in self.state_dict().items()}
 
     # Forward ---------------------------------------------------------------------------

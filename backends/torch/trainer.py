@@ -103,11 +103,11 @@ def _train(tc: TrainConfig, rank: int, world: int, device: torch.device) -> Path
 
     model = DARTransformer(run.cfg, seed=tc.seed, grad_checkpoint=tc.grad_checkpoint)
     if ckpt is not None:
-        model.load_numpy(ckpt.params)
+        model.load_weights(ckpt.params)
     model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     if ckpt is not None:
-        ema.load_numpy(ckpt.weights("ema"))
+        ema.load_weights(ckpt.weights("ema"))
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     params = list(named.values())
     ema_params = [dict(ema.named_parameters())[n] for n in named]
@@ -143,7 +143,7 @@ def _train(tc: TrainConfig, rank: int, world: int, device: torch.device) -> Path
 
         n = run.done(step)
         if run.should_checkpoint(step):
-            run.save(n, params=model.numpy_params(), ema=ema.numpy_params(),
+            run.save(n, params=model.export_weights(), ema=ema.export_weights(),
                      opt=opt_state_to_numpy(opt, named, n))
         if run.should_sample(step):
             vm = model_velocity(ema, device, tc.precision)

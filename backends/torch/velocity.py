@@ -35,5 +35,5 @@ def velocity_model(config: ModelConfig, weights: dict[str, np.ndarray], precisio
     dev = resolve_device(device)
     compute_dtype(precision)  # reject a bad precision before building the model
     model = DARTransformer(config)
-    model.load_numpy(weights)
+    model.load_weights(weights)
     return model_velocity(model.to(dev).eval(), dev, precision)
