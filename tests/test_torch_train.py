@@ -1,10 +1,8 @@
 """PyTorch training loop: real torchrun DDP launch, SIGKILL + resume, NaN stop, sampling CLI."""
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +10,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from dar_core.errors import NonFiniteLossError  # noqa: E402
 from dar_core.io.checkpoint import load_checkpoint  # noqa: E402
 from dar_core.testing import rel_err  # noqa: E402
-from dar_core.train.run import TrainConfig, TrainStream  # noqa: E402
 
 SMALL = ["--model", "micro", "--image-size", "16", "--batch-size", "8", "--lr", "1e-3",
          "--no-progress", "--sample-every", "100000", "--chunk-size", "2", "--query", "dynamic"]
@@ -52,62 +48,6 @@ def test_torchrun_ddp_matches_single_process(tmp_path):
         assert err < 1e-4, (k, err)
         moved += not np.array_equal(one.params[k], one.ema[k])
     assert moved > 10  # the runs trained
-
-
-def test_sigkill_and_resume_is_bit_identical(tmp_path):
-    args = ["--model", "tiny", "--batch-size", "32", "--steps", "40", "--ckpt-every", "4",
-            "--keep-checkpoints", "20", "--lr", "1e-3", "--no-progress",
-            "--sample-every", "100000"]
-    subprocess.run(dar("train", "--backend", "torch", *args, "--out", str(tmp_path / "full")),
-                   check=True, env=_env(), timeout=600)
-
-    out = tmp_path / "killed"
-    proc = subprocess.Popen(dar("train", "--backend", "torch", *args, "--out", str(out)),
-                            env=_env())
-    first = out / "checkpoints" / "ckpt-0000004.safetensors"
-    deadline = time.time() + 300
-    while not first.exists() and time.time() < deadline:
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done_before = sorted((out / "checkpoints").glob("ckpt-*"))
-    assert done_before and not (out / "checkpoints" / "ckpt-0000040.safetensors").exists()
-
-    subprocess.run(dar("train", "--backend", "torch", *args, "--out", str(out),
-                       "--resume", "auto"), check=True, env=_env(), timeout=600)
-    a, b = final_params(tmp_path / "full"), final_params(out)
-    assert a.meta["step"] == b.meta["step"] == 40
-    for section in ("params", "ema", "opt"):
-        da, db = getattr(a, section), getattr(b, section)
-        assert sorted(da) == sorted(db)
-        for k in da:
-            np.testing.assert_array_equal(da[k], db[k], err_msg=f"{section}/{k}")
-    steps = [int(ln.split('"step": ')[1].split(",")[0])
-             for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == sorted(set(steps)) and steps[-1] == 40
-
-
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    from dar_core.backends.torch import train
-
-    real = TrainStream.batch
-
-    def poisoned(self, step, rank=0, world=1):
-        b = real(self, step, rank, world)
-        if step == 6:
-            b["noise"][:] = np.nan
-        return b
-
-    monkeypatch.setattr(TrainStream, "batch", poisoned)
-    tc = TrainConfig(model="micro", image_size=16, batch_size=4, steps=20, ckpt_every=4,
-                     sample_every=1000, out=str(tmp_path), progress=False)
-    with pytest.raises(NonFiniteLossError, match="step 6"):
-        train(tc)
-    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert names == ["ckpt-0000004.safetensors"]
-    ck = load_checkpoint(tmp_path / "checkpoints" / names[0])
-    assert all(np.isfinite(v).all() for v in ck.params.values())
 
 
 def test_train_then_sample_cli(tmp_path):
