@@ -35,6 +35,12 @@ TOL = {
     ("sample", "float32"): 1e-3,
     # checkpoints move float32 arrays bit for bit; the loaded model's output vs the writer's.
     ("checkpoint", "float32"): 2e-4,
+    # weights after 3 AdamW steps (lr 1e-2) trained in two backends from the same init and
+    # batches. Each step moves a weight by lr * m_hat / (sqrt(v_hat) + eps), ~lr * sign(g):
+    # where a gradient entry is near zero the two backends' float32 gradients can give it
+    # different step sizes, up to 2 lr per step apart. The bound asks for agreement well
+    # inside that worst case (2 * 3 * lr / max|w| ~ 6e-2 for these weights).
+    ("train_params", "float32"): 5e-3,
 }
 
 

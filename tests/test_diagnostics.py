@@ -8,6 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from dar_core.backends.torch import DARTransformer, measure  # noqa: E402
+from dar_core.backends.torch.diagnostics import gated_velocity  # noqa: E402
 from dar_core.cli import main  # noqa: E402
 from dar_core.diagnostics.symptoms import block_state_indices, diagnose, eval_batch  # noqa: E402
 from dar_core.io.checkpoint import save_checkpoint  # noqa: E402
@@ -74,7 +75,7 @@ def test_residual_importance_equals_finite_differences(t):
         gates = [torch.ones((), dtype=torch.float64) for _ in range(cfg.num_sublayers + 1)]
         gates[i] = gates[i] + eps
         with torch.no_grad():
-            pred = model.velocity(x_t, tt, y, trace={"gates": gates})
+            pred, _ = gated_velocity(model, x_t, tt, y, gates)
         return float((pred - (x - noise)).square().mean())
 
     eps = 1e-5

@@ -13,8 +13,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
+from dar_core.errors import ConfigError
 from dar_core.spec.config import ModelConfig
 from dar_core.spec.routing import source_slices
 from dar_core.spec.schema import init_params, pos_embed_2d
@@ -114,8 +115,19 @@ class Router(nn.Module):
         return self.query_proj(prev)  # [B, T, d]
 
 
+def aggregate(state: History | NaiveHistory | ResidualStream, router: Router | None, k: int,
+              t_emb: Tensor) -> Tensor:
+    """Input ``[B, T, d]`` of aggregator ``k`` (0-indexed; ``L`` feeds the final layer): the
+    routed mix of its sources (DAR) or the running sum (residual, ``router`` is None)."""
+    if router is None:
+        return state.read(k)
+    q = router.raw_query(t_emb, state.newest)  # [d] | [B, 1, d] | [B, T, d]
+    return state.read(k, q, router.norm.weight)
+
+
 class DiTBlock(nn.Module):
-    """adaLN-Zero block; each sublayer's input comes from the routing state."""
+    """adaLN-Zero block; each sublayer reads its input from the routing state and writes its
+    gated output ``v_l`` back to it."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -125,16 +137,31 @@ class DiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=LN_EPS)
         self.mlp = Mlp(d, cfg.mlp_hidden)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
-        if cfg.routing.is_dar:
-            eps = cfg.routing.norm_eps
-            self.attn_router = Router(d, cfg.routing.query, eps)
-            self.mlp_router = Router(d, cfg.routing.query, eps)
+        dar, eps = cfg.routing.is_dar, cfg.routing.norm_eps
+        self.attn_router = Router(d, cfg.routing.query, eps) if dar else None
+        self.mlp_router = Router(d, cfg.routing.query, eps) if dar else None
+
+    def forward(self, state, k: int, c: Tensor, t_emb: Tensor, checkpoint: bool) -> None:
+        """Sublayers ``k + 1`` (attention) and ``k + 2`` (MLP) of the stream in ``state``."""
+        (shift_msa, scale_msa, gate_msa,
+         shift_mlp, scale_mlp, gate_mlp) = self.adaLN_modulation(c).chunk(6, dim=1)  # [B, d]
+        h = aggregate(state, self.attn_router, k, t_emb)  # [B, T, d]
+        state.write(_run(self.attn_branch, checkpoint, h, shift_msa, scale_msa, gate_msa))
+        h = aggregate(state, self.mlp_router, k + 1, t_emb)  # [B, T, d]
+        state.write(_run(self.mlp_branch, checkpoint, h, shift_mlp, scale_mlp, gate_mlp))
 
     def attn_branch(self, h: Tensor, shift: Tensor, scale: Tensor, gate: Tensor) -> Tensor:
-        return gate.unsqueeze(1) * self.attn(modulate(self.norm1(h), shift, scale))
+        return gate.unsqueeze(1) * self.attn(modulate(self.norm1(h), shift, scale))  # [B, T, d]
 
     def mlp_branch(self, h: Tensor, shift: Tensor, scale: Tensor, gate: Tensor) -> Tensor:
-        return gate.unsqueeze(1) * self.mlp(modulate(self.norm2(h), shift, scale))
+        return gate.unsqueeze(1) * self.mlp(modulate(self.norm2(h), shift, scale))  # [B, T, d]
+
+
+def _run(branch, checkpoint: bool, h: Tensor, *mods: Tensor) -> Tensor:
+    """``branch(h, *mods)``, recomputed in the backward pass when ``checkpoint`` is on."""
+    if checkpoint and torch.is_grad_enabled():
+        return torch_checkpoint(branch, h, *mods, use_reentrant=False)
+    return branch(h, *mods)
 
 
 class FinalLayer(nn.Module):
@@ -162,7 +189,7 @@ class DARTransformer(nn.Module):
                  grad_checkpoint: bool = False):
         super().__init__()
         if routing_impl not in ROUTING_IMPLS:
-            raise ValueError(f"routing_impl must be one of {ROUTING_IMPLS}, got {routing_impl!r}")
+            raise ConfigError(f"routing_impl must be one of {ROUTING_IMPLS}, got {routing_impl!r}")
         cfg = self.config = config
         d = cfg.hidden_size
         self.routing_impl = routing_impl
@@ -174,8 +201,8 @@ class DARTransformer(nn.Module):
         pos = torch.from_numpy(pos_embed_2d(d, cfg.grid_size).astype(np.float32))[None]
         self.register_buffer("pos_embed", pos)  # [1, T, d], fixed
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
-        if cfg.routing.is_dar:
-            self.final_router = Router(d, cfg.routing.query, cfg.routing.norm_eps)
+        self.final_router = (Router(d, cfg.routing.query, cfg.routing.norm_eps)
+                             if cfg.routing.is_dar else None)
         self.final_layer = FinalLayer(d, cfg.patch_size, cfg.out_channels)
         self.load_weights(init_params(cfg, seed))
 
@@ -210,53 +237,25 @@ class DARTransformer(nn.Module):
                      t_max=float(t.max()), y_min=int(y.min()) if is_int else 0,
                      y_max=int(y.max()) if is_int else 0, y_is_int=is_int)
 
-    def velocity(self, x: Tensor, t: Tensor, y: Tensor, trace: dict | None = None) -> Tensor:
+    def new_state(self, v0: Tensor) -> History | NaiveHistory | ResidualStream:
+        """The routing state of one forward pass, holding ``v_0`` ``[B, T, d]``."""
         cfg = self.config
-        L = cfg.num_sublayers
+        if not cfg.routing.is_dar:
+            return ResidualStream(v0)
+        impl = NaiveHistory if self.routing_impl == "naive" else History
+        return impl(v0, cfg.num_sublayers, self.slices, cfg.routing.norm_eps)
+
+    def velocity(self, x: Tensor, t: Tensor, y: Tensor, state_factory=None) -> Tensor:
+        """The unchecked forward. ``state_factory(v0)``, when given, builds the routing state
+        in place of ``new_state`` (diagnostics wrap it to watch and gate the sources)."""
         v0 = self.x_embedder(x) + self.pos_embed  # [B, T, d]
         t_emb = self.t_embedder(t)  # [B, d]
         c = t_emb + self.y_embedder(y)  # [B, d]
-        gates = trace.get("gates") if trace is not None else None  # [L+1] ones, or None
-        if gates is not None:  # measurement-only gates of 1 on every source (diagnostics)
-            v0 = v0 * gates[0]
-        if not cfg.routing.is_dar:
-            state = ResidualStream(v0)
-        elif self.routing_impl == "naive":
-            state = NaiveHistory(v0, L, self.slices, cfg.routing.norm_eps)
-        else:
-            state = History(v0, L, self.slices, cfg.routing.norm_eps)
-
-        def read(k: int, router: Router | None) -> Tensor:
-            if router is None:
-                h = state.read(k)  # residual stream
-            else:
-                q = router.raw_query(t_emb, state.newest)  # [d] | [B, 1, d] | [B, T, d]
-                h = state.read(k, q, router.norm.weight)  # [B, T, d]
-            if trace is not None:  # diagnostics: the aggregated inputs and their gradients
-                trace.setdefault("inputs", []).append(h)
-                if h.requires_grad:
-                    h.retain_grad()
-            return h
-
+        state = (state_factory or self.new_state)(v0)
         for i, block in enumerate(self.blocks):
-            mods = block.adaLN_modulation(c).chunk(6, dim=1)  # 6 x [B, d]
-            h = read(2 * i, getattr(block, "attn_router", None))  # [B, T, d]
-            v = self._run(block.attn_branch, h, *mods[0:3])  # v_{2i+1}: [B, T, d]
-            state.write(v if gates is None else v * gates[2 * i + 1])
-            h = read(2 * i + 1, getattr(block, "mlp_router", None))  # [B, T, d]
-            v = self._run(block.mlp_branch, h, *mods[3:6])  # v_{2i+2}: [B, T, d]
-            state.write(v if gates is None else v * gates[2 * i + 2])
-
-        h = read(L, getattr(self, "final_router", None))  # [B, T, d]
-        out = self.final_layer(h, c)  # [B, T, p*p*C]
-        if trace is not None:
-            trace["weights"] = state.weights
-        return self.unpatchify(out)  # [B, C, H, W]
-
-    def _run(self, branch, h: Tensor, *mods: Tensor) -> Tensor:
-        if self.grad_checkpoint and torch.is_grad_enabled():
-            return checkpoint(branch, h, *mods, use_reentrant=False)
-        return branch(h, *mods)
+            block(state, 2 * i, c, t_emb, self.grad_checkpoint)  # writes v_{2i+1}, v_{2i+2}
+        h = aggregate(state, self.final_router, self.config.num_sublayers, t_emb)  # [B, T, d]
+        return self.unpatchify(self.final_layer(h, c))  # [B, C, H, W]
 
     def unpatchify(self, x: Tensor) -> Tensor:
         """``[B, T, p*p*C] -> [B, C, H, W]`` (DiT's layout)."""
