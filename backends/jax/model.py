@@ -16,14 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dar_core.spec.config import ModelConfig
+from dar_core.spec.config import LN_EPS, ModelConfig
 from dar_core.spec.schema import check_params, init_params
 from dar_core.spec.timestep import timestep_embedding, timestep_frequencies
 from dar_core.spec.validate import check_shapes, check_values
 
 from .routing import History
 
-LN_EPS = 1e-6
 _FREQS = timestep_frequencies()  # [128] float64, cast to the accumulation dtype when used
 
 

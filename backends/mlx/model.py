@@ -22,7 +22,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from dar_core.errors import ConfigError
-from dar_core.spec.config import ModelConfig
+from dar_core.spec.config import LN_EPS, ModelConfig
 from dar_core.spec.routing import source_slices
 from dar_core.spec.schema import NON_TRAINABLE, check_params, init_params, param_shapes
 from dar_core.spec.timestep import FREQUENCY_DIM, timestep_embedding, timestep_frequencies
@@ -30,7 +30,6 @@ from dar_core.spec.validate import check_shapes, check_values
 
 from .routing import History, NaiveHistory, ResidualStream, fold_query
 
-LN_EPS = 1e-6
 ROUTING_IMPLS = ("history", "naive")
 
 

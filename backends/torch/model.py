@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from dar_core.errors import ConfigError
-from dar_core.spec.config import ModelConfig
+from dar_core.spec.config import LN_EPS, ModelConfig
 from dar_core.spec.routing import source_slices
 from dar_core.spec.schema import init_params, pos_embed_2d
 from dar_core.spec.timestep import FREQUENCY_DIM, timestep_frequencies
@@ -24,7 +24,6 @@ from dar_core.spec.validate import check_shapes, check_values
 
 from .routing import History, NaiveHistory, ResidualStream
 
-LN_EPS = 1e-6
 ROUTING_IMPLS = ("history", "naive")
 
 

@@ -32,6 +32,10 @@ TINY: dict[str, dict[str, int]] = {
     "micro": dict(depth=2, hidden_size=32, num_heads=2, patch_size=4, input_size=8),
 }
 
+# LayerNorm eps (no affine) of every DiT sublayer and of the final layer, in every backend
+# (framework defaults differ: torch and MLX use 1e-5). docs/spec.md §6.4.
+LN_EPS = 1e-6
+
 
 @dataclass(frozen=True)
 class RoutingConfig:

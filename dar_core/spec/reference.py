@@ -14,12 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from dar_core.spec.config import ModelConfig
+from dar_core.spec.config import LN_EPS, ModelConfig
 from dar_core.spec.routing import route, source_sets
 from dar_core.spec.timestep import timestep_embedding
 from dar_core.spec.validate import validate_inputs
-
-LN_EPS = 1e-6
 
 
 def layer_norm(x: np.ndarray, eps: float = LN_EPS) -> np.ndarray:
