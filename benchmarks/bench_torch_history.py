@@ -1,11 +1,13 @@
-"""Does the torch backend's custom-autograd ``History`` earn its complexity? Side by side with
-``ListHistory``, the JAX/MLX design on ordinary autograd.
+"""Does a custom-autograd history buffer earn its complexity in the torch backend? Side by side
+with a plain list of sources on ordinary autograd, the JAX/MLX design.
 
     OMP_NUM_THREADS=1 python -m benchmarks.bench_torch_history [--reps 7]
 
-``History`` (``backends/torch/routing.py``) keeps one preallocated ``[L+1, B, T, d]`` buffer
-outside autograd, carried by the ``_Write``/``_Read`` Functions. ``ListHistory`` (below) is a
-Python list of per-source ``[B, T, d]`` tensors (at least float32), each source's inverse RMS
+In the tables, "History" is ``benchmarks/torch_buffer_history.BufferHistory``, the backend's
+routing state until this measurement: one preallocated ``[L+1, B, T, d]`` buffer outside
+autograd, carried by the ``_Write``/``_Read`` Functions. "ListHistory" is the backend's
+``History`` now (``backends/torch/routing.py``), which replaced it by the rule below: a Python
+list of per-source ``[B, T, d]`` tensors (at least float32), each source's inverse RMS
 ``[B, T]`` computed once when written, the RMSNorm weight and ``1/sqrt(d)`` folded into the
 query (``fold_query``), logits stacked as ``[N, B, T]``, softmax over ``N`` and the weighted sum
 as one N-term expression, all differentiated by plain autograd.
@@ -31,14 +33,14 @@ import sys
 
 import numpy as np
 import torch
-from torch import Tensor
 
 import dar_core.backends.torch.model as torch_model
 from benchmarks.bench_overhead import PRESETS
 from benchmarks.common import interleaved, machine, md_table, probe_mb, write
+from benchmarks.torch_buffer_history import BufferHistory
 from benchmarks.torch_cases import peak_memory_mb, train_step
 from dar_core.backends.torch import DARTransformer
-from dar_core.backends.torch.routing import History, _acc, fold_query
+from dar_core.backends.torch.routing import History
 from dar_core.spec.config import ModelConfig, RoutingConfig, model_config
 from dar_core.spec.schema import random_params
 from dar_core.testing import parity_inputs, rel_err
@@ -53,49 +55,7 @@ TOLERANCE = 1e-5
 TIME_KEEP, MEM_KEEP = 1.10, 1 / 0.9
 
 
-def _dot(v: Tensor, q: Tensor) -> Tensor:
-    """``v . q`` over ``d`` -> ``[B, T]`` for a query ``[d]``, ``[B, 1, d]`` or ``[B, T, d]``."""
-    if q.dim() == 3 and q.shape[1] > 1:
-        return (v * q).sum(-1)  # per-token query
-    if q.dim() == 1:
-        return v @ q  # [B, T]
-    return (v @ q.transpose(1, 2)).squeeze(-1)  # [B, T, 1] -> [B, T]
-
-
-class ListHistory:
-    """``History``'s interface on ordinary autograd: a list of sources, no shared buffer."""
-
-    built = 0  # instances made (the parity check asserts that the model used this class)
-
-    def __init__(self, v0: Tensor, num_sublayers: int, slices: list, eps: float):
-        ListHistory.built += 1
-        self.slices, self.eps = slices, eps
-        self.values: list[Tensor] = []  # v_l, [B, T, d], at least float32
-        self.rstd: list[Tensor] = []  # 1 / rms(v_l), [B, T]
-        self.weights: list[Tensor] = []
-        self.write(v0)
-
-    def write(self, v: Tensor) -> None:
-        self.newest = v  # the autograd-tracked newest output (the dynamic query reads it)
-        va = _acc(v)
-        self.values.append(va)
-        self.rstd.append(torch.rsqrt(va.square().mean(-1) + self.eps))
-
-    def read(self, k: int, raw_query: Tensor, norm_weight: Tensor) -> Tensor:
-        """Input of aggregator ``k`` (0-indexed), ``[B, T, d]`` (at least float32)."""
-        idx = [i for s in self.slices[k] for i in range(len(self.values))[s]]
-        with torch.autocast(raw_query.device.type, enabled=False):  # routing math in float32
-            q = fold_query(raw_query, norm_weight)
-            logits = torch.stack([self.rstd[i] * _dot(self.values[i], q) for i in idx])
-            alpha = torch.softmax(logits, dim=0)  # [N, B, T]
-            h = self.values[idx[0]] * alpha[0].unsqueeze(-1)
-            for j, i in enumerate(idx[1:], 1):
-                h = h + self.values[i] * alpha[j].unsqueeze(-1)
-        self.weights.append(alpha.detach())
-        return h
-
-
-IMPLS = {"History": History, "ListHistory": ListHistory}
+IMPLS = {"History": BufferHistory, "ListHistory": History}
 
 
 @contextlib.contextmanager
@@ -124,10 +84,9 @@ def parity(cfg: ModelConfig, batch: int = 3) -> dict[str, float]:
     res = {}
     for impl in IMPLS:
         m = DARTransformer(cfg).load_weights(p)
-        built = ListHistory.built
         with using(impl):
+            assert type(m.new_state(torch.zeros(1, 1, cfg.hidden_size))) is IMPLS[impl]
             out = m(*args)
-            assert ListHistory.built == built + (impl == "ListHistory")
             (out.square().mean() + out.mean()).backward()
         res[impl] = (out.detach(), {k: v.grad for k, v in m.named_parameters()})
     (o_ref, g_ref), (o_new, g_new) = res["History"], res["ListHistory"]

@@ -106,7 +106,7 @@ def routing_case(n: int, b: int, t: int, d: int, impl: str):
     gout = torch.randn(b, t, d, generator=g)
 
     def optimized():
-        hist = History(vs[0], n - 1, [(slice(0, n),)], 1e-6)
+        hist = History(vs[0], [(slice(0, n),)], 1e-6)
         for v in vs[1:]:
             hist.write(v)
         h = hist.read(0, q, w)

@@ -7,6 +7,7 @@ import pytest
 from conformance.adapters import requested_backends
 from conformance.conftest import get_adapter, record
 from conformance.tolerances import tol
+from dar_core.backend import is_installed
 from dar_core.io.checkpoint import load_checkpoint, save_checkpoint
 from dar_core.spec.config import RoutingConfig, model_config
 from dar_core.spec.reference import forward
@@ -52,9 +53,7 @@ def trained(tmp_path_factory):
 
 
 def _available(name):
-    from conformance import adapters
-
-    return adapters._installed(name)
+    return is_installed(name)
 
 
 def test_trained_checkpoint_loads_everywhere(backend, trained):

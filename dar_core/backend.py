@@ -27,6 +27,15 @@ def check_precision(precision: Any) -> str:
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     return precision
+
+
+def check_numerics_dtype(dtype: Any, supported: tuple[str, ...]) -> str:
+    """``dtype`` if the backend's numerics support it, else a ``ConfigError`` naming it."""
+    if dtype not in supported:
+        raise ConfigError(f"dtype must be one of {list(supported)} here, got {dtype!r}")
+    return dtype
+
+
 _FRAMEWORK = {"torch": "torch", "jax": "jax", "mlx": "mlx.core"}
 
 
@@ -38,6 +47,55 @@ class VelocityModel:
     velocity: Callable[[Any, float, Any], Any]
     asarray: Callable[[np.ndarray], Any]
     to_numpy: Callable[[Any], np.ndarray]
+
+
+@runtime_checkable
+class RoutingState(Protocol):
+    """The routing state of one forward pass (docs/spec.md §8.2): ``History`` (efficient),
+    ``NaiveHistory`` (the core's four-pass ``route`` on re-stacked sources, for tests) and
+    ``ResidualStream`` (routing off) in every backend, each built as ``cls(v0, slices, eps)``
+    with ``v0`` ``[B, T, d]``, ``slices`` from ``dar_core.spec.routing.source_slices`` and the
+    key RMSNorm's ``eps``.
+
+    - ``newest``: the last source written (the dynamic query's input ``v_{l-1}``);
+    - ``write(v)``: append the next source ``v_l`` ``[B, T, d]``;
+    - ``read(k, raw_query, norm_weight)``: the input ``[B, T, d]`` of aggregator ``k``
+      (0-indexed) from its unfolded query (``dar_core.spec.routing.router_query``) and RMSNorm
+      weight; ``ResidualStream`` ignores both and returns the running sum.
+    """
+
+    newest: Any
+
+    def write(self, v: Any) -> None: ...
+
+    def read(self, k: int, raw_query: Any, norm_weight: Any) -> Any: ...
+
+
+@runtime_checkable
+class Numerics(Protocol):
+    """NumPy in, NumPy out: a backend's numerics as the conformance suite checks them
+    (``dar_core.backends.<name>.numerics``). ``dtype`` is one of ``DTYPES``: ``"float32"``,
+    ``"bfloat16"`` (bf16 compute over float32 weights), ``"float64"`` where the backend can be
+    a float64 oracle; any other is a ``ConfigError``.
+
+    - ``forward(config, weights, x, t, y, dtype)``: velocity through the checked public model;
+    - ``loss_and_grads(config, weights, batch, dtype)``: the training loss at fixed
+      ``(x, noise, t, y)`` and the gradient of every trainable parameter (float64 NumPy);
+    - ``route(v, q, w, g, dtype)``: the backend's routing op over ``N`` sources
+      ``v [N, B, T, d]`` (query ``q``, norm weight ``w``) with cotangent ``g`` on its output:
+      ``(h, alpha [N, B, T], dv, dq, dw)``.
+    """
+
+    DTYPES: tuple[str, ...]
+
+    def forward(self, config: Any, weights: dict, x: np.ndarray, t: np.ndarray,
+                y: np.ndarray, dtype: str = "float32") -> np.ndarray: ...
+
+    def loss_and_grads(self, config: Any, weights: dict, batch: dict,
+                       dtype: str = "float32") -> tuple[float, dict]: ...
+
+    def route(self, v: np.ndarray, q: np.ndarray, w: np.ndarray, g: np.ndarray,
+              dtype: str = "float32") -> tuple: ...
 
 
 @runtime_checkable
@@ -55,9 +113,15 @@ class Backend(Protocol):
       ``ConfigError`` for a name the framework does not have on this machine.
     - ``compute_dtype(precision)``: ``"fp32"`` / ``"bf16"`` -> the framework's dtype;
       ``ConfigError`` otherwise.
+    - ``History``, ``NaiveHistory``, ``ResidualStream``: the :class:`RoutingState` classes.
+    - ``numerics``: the :class:`Numerics` module the conformance suite drives.
     """
 
     DARTransformer: type
+    History: type
+    NaiveHistory: type
+    ResidualStream: type
+    numerics: Any
 
     def train(self, tc: Any) -> Path: ...
 

@@ -2,7 +2,9 @@
 backend through the contract's ``train(tc)``: stop on a NaN loss naming the step and keeping
 the last good checkpoint; resume after SIGKILL bit-identical to an uninterrupted run (params,
 EMA and the AdamW state round-tripped through the checkpoint); take a first AdamW step that a
-NumPy AdamW reproduces; give the same run with gradient checkpointing as without."""
+NumPy AdamW reproduces; give the same run with gradient checkpointing as without; and run the
+backend's example (``examples/``, one command line for all: ``dar_core.train.example``) end to
+end on a CPU."""
 
 from __future__ import annotations
 
@@ -168,3 +170,32 @@ def test_grad_checkpoint_gives_the_same_run(name, tmp_path):
     for k in a.params:
         assert_close(b.params[k] - init[k], a.params[k] - init[k],
                      ulp_tol(2 * tokens, np.float32), f"params/{k}")
+
+
+EXAMPLES = {"torch": "torch_cuda.py", "jax": "jax_tpu.py", "mlx": "mlx_apple.py"}
+
+
+def test_example_answers_help_and_runs_end_to_end_on_a_cpu(name, tmp_path, tmp_path_factory):
+    example = Path(__file__).resolve().parents[1] / "examples" / EXAMPLES[name]
+    # --help answers before any framework is imported (a second at most, not a JIT warm-up)
+    res = subprocess.run([sys.executable, str(example), "--help"], capture_output=True,
+                         text=True, timeout=60, env=_env())
+    assert res.returncode == 0, res.stderr
+    assert "--final-steps" in res.stdout and "--every" in res.stdout
+    out = tmp_path / "demo"
+    env = {**_env(),  # JAX: the session's shared compilation cache
+           "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.getbasetemp() / "jax-cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    res = subprocess.run(
+        [sys.executable, str(example), "--device", "cpu", "--model", "micro", "--steps", "2",
+         "--batch-size", "8", "--every", "2", "--per-class", "1", "--sample-steps", "2",
+         "--final-steps", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "training micro (dar, query=static_t, chunk=4, fp32, batch 8)" in res.stdout
+    assert "for 2 steps" in res.stdout and "step 2: loss" in res.stdout
+    assert (out / "checkpoints" / "ckpt-0000002.safetensors").is_file()
+    assert (out / "samples" / "step-0000002.png").is_file()
+    for png in ("final-cfg1.5.png", "final-cfg1.0.png", "training.png"):
+        assert (out / png).is_file(), png

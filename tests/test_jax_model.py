@@ -12,7 +12,6 @@ import jax.numpy as jnp  # noqa: E402
 from dar_core.backends.jax import DARTransformer, velocity_model  # noqa: E402
 from dar_core.backends.jax import model as jax_model  # noqa: E402
 from dar_core.backends.jax.model import forward  # noqa: E402
-from dar_core.backends.jax.routing import History, NaiveHistory  # noqa: E402
 from dar_core.errors import CheckpointError, ConfigError, InputError  # noqa: E402
 from dar_core.spec import reference  # noqa: E402
 from dar_core.spec.config import model_config  # noqa: E402
@@ -75,17 +74,17 @@ def test_float64_forward_and_gradients_match_naive_routing(name):
         pj = {k: jnp.asarray(v, jnp.float64) for k, v in p.items()}
         xj, tj, yj, wj = jnp.asarray(x), jnp.asarray(t), jnp.asarray(y), jnp.asarray(w)
 
-        def loss(params, history_cls):
-            out = forward(params, cfg, xj, tj, yj, history_cls=history_cls)  # [B, C, H, W]
+        def loss(params, routing_impl):
+            out = forward(params, cfg, xj, tj, yj, routing_impl=routing_impl)  # [B, C, H, W]
             return jnp.sum(out * wj), out
 
         results = {}
-        for impl in (History, NaiveHistory):
+        for impl in ("history", "naive"):
             grad_fn = jax.value_and_grad(lambda q, impl=impl: loss(q, impl), has_aux=True)
             (value, out), grads = jax.jit(grad_fn, compiler_options=_QUICK)(pj)
             assert out.dtype == jnp.float64
             results[impl] = (float(value), np.asarray(out), jax.tree.map(np.asarray, grads))
-    (lf, out, gf), (ln, out_naive, gn) = results[History], results[NaiveHistory]
+    (lf, out, gf), (ln, out_naive, gn) = results["history"], results["naive"]
     assert rel_err(out, ref) < 1e-12 and rel_err(out, out_naive) < 1e-12
     assert abs(lf - ln) <= 1e-12 * abs(ln)
     assert set(gf) == set(param_shapes(cfg))
@@ -132,12 +131,12 @@ def test_sources_are_written_once_and_never_restacked(name):
     computed once (B*T roots per source, plus B*T per LayerNorm) - the naive routing, checked
     the same way, fails both."""
 
-    def primitives(history_cls):
+    def primitives(routing_impl):
         cfg = _config(VARIANTS[name])
         p = {k: jnp.asarray(v, jnp.float32) for k, v in _params(cfg).items()}
         x, t, y = _inputs(cfg)
         fn = lambda q: forward(q, cfg, jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32),
-                               jnp.asarray(y), history_cls=history_cls)
+                               jnp.asarray(y), routing_impl=routing_impl)
         eqns = list(_equations(jax.make_jaxpr(fn)(p).jaxpr))
         stacked = [e for e in eqns if e.primitive.name in ("concatenate", "stack")
                    and e.outvars[0].aval.ndim == 4]
@@ -145,14 +144,14 @@ def test_sources_are_written_once_and_never_restacked(name):
                     if e.primitive.name in ("sqrt", "rsqrt"))
         return cfg, [e.primitive.name for e in eqns], stacked, roots
 
-    cfg, prims, stacked, roots = primitives(History)
+    cfg, prims, stacked, roots = primitives("history")
     L = cfg.num_sublayers
     assert prims.count("gather") == 1
     assert not stacked
     tokens = 3 * cfg.num_tokens  # B * T per source or LayerNorm
     assert roots == (L + 1) * tokens * (2 if cfg.routing.is_dar else 1)
     if cfg.routing.is_dar:
-        _, _, naive_stacked, naive_roots = primitives(NaiveHistory)
+        _, _, naive_stacked, naive_roots = primitives("naive")
         assert naive_stacked and naive_roots > roots
 
 

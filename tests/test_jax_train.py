@@ -13,6 +13,7 @@ optax = pytest.importorskip("optax")
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
+from conformance.tolerances import tol  # noqa: E402
 from dar_core import cli  # noqa: E402
 from dar_core.backends.jax.trainer import (  # noqa: E402
     TRACE_COUNTS,
@@ -31,7 +32,7 @@ from dar_core.backends.jax.trainer import (  # noqa: E402
 from dar_core.errors import CheckpointError  # noqa: E402
 from dar_core.io.checkpoint import load_checkpoint  # noqa: E402
 from dar_core.spec.schema import random_params, trainable_names  # noqa: E402
-from dar_core.testing import rel_err  # noqa: E402
+from dar_core.testing import rel_err, ulp_tol  # noqa: E402
 from dar_core.train.run import TrainConfig, TrainStream, make_train_dataset  # noqa: E402
 
 # Reference computations compile quickly (LLVM optimization level 0): they run once.
@@ -80,7 +81,16 @@ def test_step_is_adamw_with_clipping_and_ema_and_traces_once():
         m, v = (1 - TC.beta1) * gk, (1 - TC.beta2) * gk**2
         update = (m / (1 - TC.beta1)) / (np.sqrt(v / (1 - TC.beta2)) + TC.adam_eps)
         expected = p0[k] - TC.lr * (update + TC.weight_decay * p0[k])
-        assert rel_err(state.params[k], expected) < 1e-5, k
+        # The first update g/(|g| + eps) is ill-conditioned where |g| ~ eps: its derivative is
+        # eps/(|g| + eps)^2, up to 1/(4 eps). The step's float32 gradient and this test's
+        # (another compilation) agree to the suite's float32 gradient bound, grad_atol of the
+        # largest entry, so each entry may move by lr times that times the derivative, on top
+        # of a few float32 roundings of the update itself.
+        dg = tol("grad_atol") * np.abs(gk).max()
+        allowed = (TC.lr * dg * TC.adam_eps / (np.abs(gk) + TC.adam_eps) ** 2
+                   + ulp_tol(16, np.float32) * np.abs(expected).max())
+        err = np.abs(np.asarray(state.params[k], np.float64) - expected)
+        assert np.all(err <= allowed), (k, float((err / allowed).max()))
         ema = TC.ema_decay * p0[k] + (1 - TC.ema_decay) * np.asarray(state.params[k])
         assert rel_err(state.ema[k], ema) < 1e-6, k
     assert math.isfinite(float(loss))

@@ -3,7 +3,7 @@
 The parameter tree IS the canonical core schema (``dar_core.spec.schema.param_shapes``): a core
 checkpoint's ``params`` or ``ema`` dict loads with ``DARTransformer.load`` and nothing else.
 Read top to bottom: patch + timestep + label embedding, then per DiTBlock two sublayers that
-each read the history (``routing.History``), then the FinalLayer. Compute runs in the dtype of
+each read the routing state (``routing.History``), then the FinalLayer. Compute runs in the dtype of
 the parameters (float32, or bfloat16 for ``precision="bf16"``); normalization statistics,
 softmaxes and routing logits are taken in at least float32 (``acc_dtype``).
 """
@@ -16,12 +16,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dar_core.errors import ConfigError
 from dar_core.spec.config import LN_EPS, ModelConfig
-from dar_core.spec.schema import check_params, init_params
+from dar_core.spec.patches import patchify, unpatchify
+from dar_core.spec.routing import router_query
+from dar_core.spec.schema import check_params, init_params, router_prefixes
 from dar_core.spec.timestep import timestep_embedding, timestep_frequencies
 from dar_core.spec.validate import check_shapes, check_values
 
-from .routing import History
+from .routing import History, NaiveHistory, ResidualStream, slices_of
+
+ROUTING_IMPLS = ("history", "naive")
 
 _FREQS = timestep_frequencies()  # [128] float64, cast to the accumulation dtype when used
 
@@ -46,23 +51,6 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
 
 def linear(p: dict, name: str, x: jax.Array) -> jax.Array:
     return x @ p[f"{name}.weight"].T + p[f"{name}.bias"]
-
-
-def patchify(x: jax.Array, p: int) -> jax.Array:
-    """``[B, C, H, W] -> [B, T, C*p*p]``, tokens row-major, features in (c, i, j) order."""
-    B, C, H, W = x.shape
-    x = x.reshape(B, C, H // p, p, W // p, p)  # [B, C, h, p, w, p]
-    x = x.transpose(0, 2, 4, 1, 3, 5)  # [B, h, w, C, p, p]
-    return x.reshape(B, (H // p) * (W // p), C * p * p)  # [B, T, C*p*p]
-
-
-def unpatchify(x: jax.Array, p: int, c: int) -> jax.Array:
-    """``[B, T, p*p*c] -> [B, c, H, W]`` with per-token features in DiT's (i, j, c) order."""
-    B, T, _ = x.shape
-    g = int(round(T**0.5))
-    x = x.reshape(B, g, g, p, p, c)  # [B, h, w, i, j, c]
-    x = x.transpose(0, 5, 1, 3, 2, 4)  # [B, c, h, i, w, j]
-    return x.reshape(B, c, g * p, g * p)  # [B, c, H, W]
 
 
 def attention(p: dict, name: str, x: jax.Array, heads: int) -> jax.Array:
@@ -102,20 +90,33 @@ _attention_remat = jax.checkpoint(attention, static_argnums=(1, 3))
 _mlp_remat = jax.checkpoint(mlp, static_argnums=(1,))
 
 
-def dit_block(p: dict, cfg: ModelConfig, i: int, c: jax.Array, history: History,
+def aggregate(p: dict, cfg: ModelConfig, state, k: int, prefix: str | None,
+              t_emb: jax.Array) -> jax.Array:
+    """Input ``[B, T, d]`` of aggregator ``k``: routed by the router at ``prefix`` (DAR) or the
+    running sum (residual, ``prefix`` is None)."""
+    if prefix is None:
+        return state.read(k, None, None)
+    q = router_query(cfg.routing.query, t_emb, state.newest, p.get(f"{prefix}.query"),
+                     p.get(f"{prefix}.query_proj.weight"))  # [d] | [B, 1, d] | [B, T, d]
+    return state.read(k, q, p[f"{prefix}.norm.weight"])
+
+
+def dit_block(p: dict, cfg: ModelConfig, i: int, c: jax.Array, t_emb: jax.Array, state,
               remat: bool = False) -> None:
     """Block ``i``: sublayers ``2i+1`` (attention) and ``2i+2`` (MLP). Each reads its input
-    from the history and appends its gated output ``v_l`` to it."""
+    from the routing state and writes its gated output ``v_l`` back to it."""
     attn_fn, mlp_fn = (_attention_remat, _mlp_remat) if remat else (attention, mlp)
     b = f"blocks.{i}"
     mod = jnp.split(linear(p, f"{b}.adaLN_modulation.1", c), 6, axis=-1)  # 6 x [B, d]
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-    h = history.read(2 * i)  # [B, T, d]
+    attn_router, mlp_router = ((f"{b}.attn_router", f"{b}.mlp_router") if cfg.routing.is_dar
+                               else (None, None))
+    h = aggregate(p, cfg, state, 2 * i, attn_router, t_emb)  # [B, T, d]
     h = modulate(layer_norm(h), shift_msa, scale_msa)  # [B, T, d]
-    history.write(gate_msa[:, None, :] * attn_fn(p, f"{b}.attn", h, cfg.num_heads))
-    h = history.read(2 * i + 1)  # [B, T, d]
+    state.write(gate_msa[:, None, :] * attn_fn(p, f"{b}.attn", h, cfg.num_heads))
+    h = aggregate(p, cfg, state, 2 * i + 1, mlp_router, t_emb)  # [B, T, d]
     h = modulate(layer_norm(h), shift_mlp, scale_mlp)  # [B, T, d]
-    history.write(gate_mlp[:, None, :] * mlp_fn(p, f"{b}.mlp", h))
+    state.write(gate_mlp[:, None, :] * mlp_fn(p, f"{b}.mlp", h))
 
 
 def final_layer(p: dict, cfg: ModelConfig, h: jax.Array, c: jax.Array) -> jax.Array:
@@ -125,18 +126,31 @@ def final_layer(p: dict, cfg: ModelConfig, h: jax.Array, c: jax.Array) -> jax.Ar
     return unpatchify(out, cfg.patch_size, cfg.out_channels)  # [B, C, H, W]
 
 
+def new_state(cfg: ModelConfig, v0: jax.Array, routing_impl: str = "history"):
+    """The routing state of one forward pass, holding ``v_0`` ``[B, T, d]``."""
+    if routing_impl not in ROUTING_IMPLS:
+        raise ConfigError(f"routing_impl must be one of {list(ROUTING_IMPLS)}, "
+                          f"got {routing_impl!r}")
+    if not cfg.routing.is_dar:
+        impl = ResidualStream
+    else:
+        impl = NaiveHistory if routing_impl == "naive" else History
+    return impl(v0, slices_of(cfg.num_sublayers, cfg.routing), cfg.routing.norm_eps)
+
+
 def forward(p: dict, cfg: ModelConfig, x: jax.Array, t: jax.Array, y: jax.Array,
-            history_cls: type = History, remat: bool = False) -> jax.Array:
+            routing_impl: str = "history", remat: bool = False) -> jax.Array:
     """Velocity ``[B, C, H, W]`` (float32, or float64 for float64 parameters). Pure and
     jit-able: no validation here.
 
-    ``history_cls`` is the routing implementation (tests pass a naive one with the same
-    ``read``/``write`` interface); ``remat`` recomputes sublayer internals in the backward."""
+    ``routing_impl="naive"`` reads sources with the core's four-pass ``route`` (tests);
+    ``remat`` recomputes sublayer internals in the backward pass."""
     v0, t_emb, c = embed(p, cfg, x, t, y)  # [B, T, d], [B, d], [B, d]
-    history = history_cls(cfg, p, v0, t_emb)
+    state = new_state(cfg, v0, routing_impl)
     for i in range(cfg.depth):
-        dit_block(p, cfg, i, c, history, remat)
-    h = history.read(cfg.num_sublayers)  # final aggregator: [B, T, d]
+        dit_block(p, cfg, i, c, t_emb, state, remat)  # writes v_{2i+1}, v_{2i+2}
+    final = router_prefixes(cfg)[-1] if cfg.routing.is_dar else None
+    h = aggregate(p, cfg, state, cfg.num_sublayers, final, t_emb)  # [B, T, d]
     return final_layer(p, cfg, h, c).astype(acc_dtype(v0.dtype))  # [B, C, H, W]
 
 

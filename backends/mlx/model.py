@@ -23,12 +23,13 @@ from mlx.utils import tree_flatten
 
 from dar_core.errors import ConfigError
 from dar_core.spec.config import LN_EPS, ModelConfig
-from dar_core.spec.routing import source_slices
+from dar_core.spec.patches import patchify, unpatchify
+from dar_core.spec.routing import router_query, source_slices
 from dar_core.spec.schema import NON_TRAINABLE, check_params, init_params, param_shapes
 from dar_core.spec.timestep import FREQUENCY_DIM, timestep_embedding, timestep_frequencies
 from dar_core.spec.validate import check_shapes, check_values
 
-from .routing import History, NaiveHistory, ResidualStream, fold_query
+from .routing import History, NaiveHistory, ResidualStream
 
 ROUTING_IMPLS = ("history", "naive")
 
@@ -81,10 +82,8 @@ class PatchEmbed(nn.Module):
         self.proj = PatchProj(in_channels, hidden, patch)
 
     def __call__(self, x: mx.array) -> mx.array:
-        B, C, H, W = x.shape
-        p, d = self.patch, self.proj.weight.shape[0]
-        x = x.reshape(B, C, H // p, p, W // p, p)  # [B, C, h, p, w, p]
-        x = x.transpose(0, 2, 4, 1, 3, 5).reshape(B, -1, C * p * p)  # [B, T, C*p*p]
+        d = self.proj.weight.shape[0]
+        x = patchify(x, self.patch)  # [B, T, C*p*p], features (c, i, j)
         w = self.proj.weight.reshape(d, -1).astype(x.dtype)  # [d, C*p*p], (c, i, j) order
         return mx.addmm(self.proj.bias.astype(x.dtype), x, w.T)  # [B, T, d]
 
@@ -153,31 +152,18 @@ class Router(nn.Module):
             self.query = mx.zeros((hidden,))
 
     def raw_query(self, t_emb: mx.array, newest: mx.array) -> mx.array:
-        """``q_l(t)`` as in the spec: ``[d]``, ``[B, 1, d]`` or ``[B, T, d]``."""
-        if self.kind == "static":
-            return self.query  # [d]
-        if self.kind == "static_t":
-            return self.query + t_emb[:, None, :]  # [B, 1, d]
-        return self.query_proj(newest)  # [B, T, d]
-
-    def folded_query(self, t_emb: mx.array, newest: mx.array) -> mx.array:
-        """``q * w_norm / sqrt(d)``: ``[d]``, ``[B, d]`` or ``[B, T, d]``."""
-        if self.kind == "static":
-            return fold_query(self.query, self.norm.weight)  # [d]
-        if self.kind == "static_t":
-            return fold_query(self.query + t_emb, self.norm.weight)  # [B, d]
-        w = fold_query(self.query_proj.weight.T, self.norm.weight)  # W_q^T scaled: [d, d]
-        return newest @ w.astype(newest.dtype)  # [B, T, d]
-
-    def __call__(self, hist: History | NaiveHistory, k: int, t_emb: mx.array) -> mx.array:
-        if isinstance(hist, NaiveHistory):
-            return hist.read_raw(k, self.raw_query(t_emb, hist.newest), self.norm.weight)
-        return hist.read(k, self.folded_query(t_emb, hist.newest))  # [B, T, d]
+        """``q_l(t)``: ``[d]``, ``[B, 1, d]`` or ``[B, T, d]`` (docs/spec.md §3)."""
+        if self.kind == "dynamic":
+            w = self.query_proj.weight.astype(newest.dtype)  # the Linears' compute dtype
+            return router_query(self.kind, t_emb, newest, query_proj=w)
+        return router_query(self.kind, t_emb, newest, query=self.query)
 
 
 def aggregate(router: Router | None, hist, k: int, t_emb: mx.array) -> mx.array:
-    """Input of aggregator ``k``: routed (DAR) or the running sum (residual)."""
-    return hist.read(k) if router is None else router(hist, k, t_emb)
+    """Input of aggregator ``k`` ``[B, T, d]``: routed (DAR) or the running sum (residual)."""
+    if router is None:
+        return hist.read(k, None, None)
+    return hist.read(k, router.raw_query(t_emb, hist.newest), router.norm.weight)
 
 
 class DiTBlock(nn.Module):
@@ -222,14 +208,6 @@ def as_mlx(a) -> mx.array:
         return a
     a = np.asarray(a)
     return mx.array(a.astype(np.float32) if a.dtype.kind == "f" else a)
-
-
-def unpatchify(x: mx.array, p: int, c: int) -> mx.array:
-    """``[B, T, p*p*c] -> [B, c, H, W]``; per-token features in DiT's (i, j, c) order."""
-    B, T, _ = x.shape
-    g = int(round(math.sqrt(T)))
-    x = x.reshape(B, g, g, p, p, c)  # [B, h, w, i, j, c]
-    return x.transpose(0, 5, 1, 3, 2, 4).reshape(B, c, g * p, g * p)  # [B, c, H, W]
 
 
 class DARTransformer(nn.Module):
@@ -310,11 +288,10 @@ class DARTransformer(nn.Module):
         c = nn.silu(t_emb + self.y_embedder(y).astype(dt))  # [B, d] (adaLN_modulation.0)
         slices = source_slices(cfg.num_sublayers, cfg.routing)  # per aggregator, <= 2 slices
         if not cfg.routing.is_dar:
-            hist = ResidualStream(v0)
-        elif self.routing_impl == "naive":
-            hist = NaiveHistory(v0, slices, cfg.routing.norm_eps)
+            impl = ResidualStream
         else:
-            hist = History(v0, slices, cfg.routing.norm_eps)
+            impl = NaiveHistory if self.routing_impl == "naive" else History
+        hist = impl(v0, slices, cfg.routing.norm_eps)
         for i, block in enumerate(self.blocks):
             block(hist, 2 * i, c, t_emb, self.grad_checkpoint)  # appends v_{2i+1}, v_{2i+2}
         h = aggregate(self.get("final_router"), hist, cfg.num_sublayers, t_emb)  # [B, T, d]

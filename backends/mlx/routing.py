@@ -6,7 +6,7 @@ once at the write). An aggregator reads its sources through ``dar_core.spec.rout
 (at most two strided slices of the list) and mixes them with the RMSNorm weight and
 ``1/sqrt(d)`` folded into the query::
 
-    logit_i = rstd_i * (v_i . q~)      q~ = q * w_norm / sqrt(d)
+    logit_i = rstd_i * (v_i . q~)      q~ = fold_query(q, w_norm) = q * w_norm / sqrt(d)
     alpha   = softmax over the sources of logit        (float32, sources on the last axis)
     h       = sum_i alpha_i v_i                        (accumulated in float32)
 
@@ -19,22 +19,20 @@ speed (see README). A list of write-once arrays keeps what the buffer is for: ev
 is stored once and never copied or re-stacked, and reads are slices. Only the ``[B, T, N]``
 logits are concatenated; under ``mx.compile`` the weighted sum fuses into one kernel.
 
-``NaiveHistory`` re-stacks the sources and calls the core's four-pass ``route`` (the readable
-specification, for tests); ``ResidualStream`` is the same interface with routing off.
+``NaiveHistory`` (re-stacks the sources for the core's four-pass ``route``: the readable
+specification, for tests) and ``ResidualStream`` (routing off) are the core's, array-generic
+(``dar_core.spec.routing``). All three
+are built as ``(v0, slices, eps)`` and read as ``read(k, raw_query, norm_weight)``, the same
+interface as the torch and JAX backends.
 """
 
 from __future__ import annotations
 
-import math
-
 import mlx.core as mx
 
-from dar_core.spec.routing import route as core_route
+from dar_core.spec.routing import NaiveHistory, ResidualStream, fold_query
 
-
-def fold_query(raw_query: mx.array, norm_weight: mx.array) -> mx.array:
-    """``q * w_norm / sqrt(d)``: the RMSNorm weight and the logit scale folded into the query."""
-    return raw_query * (norm_weight / math.sqrt(norm_weight.shape[-1]))
+__all__ = ["History", "NaiveHistory", "ResidualStream", "mix", "route"]
 
 
 def _dot(v: mx.array, q: mx.array) -> mx.array:
@@ -93,49 +91,9 @@ class History:
         self.vs.append(v)
         self.rstd.append(rms_inverse(v, self.eps))  # once per source
 
-    def read(self, k: int, folded_query: mx.array) -> mx.array:
+    def read(self, k: int, raw_query: mx.array, norm_weight: mx.array) -> mx.array:
         """Input of aggregator ``k`` (0-indexed): ``[B, T, d]`` in the history's dtype."""
         pieces = self.slices[k]  # <= 2 strided slices of the history
         vs = [v for s in pieces for v in self.vs[s]]  # N x [B, T, d], no copies
         rs = [r for s in pieces for r in self.rstd[s]]  # N x [B, T, 1]
-        return mix(vs, rs, folded_query)[0]
-
-
-class NaiveHistory:
-    """Re-stacks the visible sources and calls the core's four-pass ``route`` (reference)."""
-
-    def __init__(self, v0: mx.array, slices: list, eps: float):
-        self.slices, self.eps = slices, eps
-        self.vs = [v0]
-
-    @property
-    def newest(self) -> mx.array:
-        return self.vs[-1]
-
-    def write(self, v: mx.array) -> None:
-        self.vs.append(v)
-
-    def read_raw(self, k: int, raw_query: mx.array, norm_weight: mx.array) -> mx.array:
-        stacked = mx.stack([v for s in self.slices[k] for v in self.vs[s]])  # [N, B, T, d]
-        h, _ = core_route(stacked.astype(mx.float32), raw_query.astype(mx.float32),
-                          norm_weight.astype(mx.float32), eps=self.eps)
-        return h.astype(self.vs[0].dtype)  # [B, T, d]
-
-
-class ResidualStream:
-    """Routing off: the input of every sublayer is the running sum of all earlier outputs."""
-
-    def __init__(self, v0: mx.array, *_: object):
-        self.h = v0
-        self.vs = [v0]
-
-    @property
-    def newest(self) -> mx.array:
-        return self.vs[-1]
-
-    def write(self, v: mx.array) -> None:
-        self.h = self.h + v  # [B, T, d]
-        self.vs = [v]  # no history is kept: only the stream and the newest output
-
-    def read(self, k: int, folded_query: mx.array | None = None) -> mx.array:
-        return self.h
+        return mix(vs, rs, fold_query(raw_query, norm_weight))[0]

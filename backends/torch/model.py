@@ -17,7 +17,8 @@ from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from dar_core.errors import ConfigError
 from dar_core.spec.config import LN_EPS, ModelConfig
-from dar_core.spec.routing import source_slices
+from dar_core.spec.patches import unpatchify
+from dar_core.spec.routing import router_query, source_slices
 from dar_core.spec.schema import init_params, pos_embed_2d
 from dar_core.spec.timestep import FREQUENCY_DIM, timestep_frequencies
 from dar_core.spec.validate import check_shapes, check_values
@@ -106,12 +107,11 @@ class Router(nn.Module):
         else:
             self.query = nn.Parameter(torch.zeros(hidden))
 
-    def raw_query(self, t_emb: Tensor, prev: Tensor) -> Tensor:
-        if self.kind == "static":
-            return self.query  # [d]
-        if self.kind == "static_t":
-            return self.query + t_emb[:, None, :]  # [B, 1, d]
-        return self.query_proj(prev)  # [B, T, d]
+    def raw_query(self, t_emb: Tensor, newest: Tensor) -> Tensor:
+        """``q_l(t)``: ``[d]``, ``[B, 1, d]`` or ``[B, T, d]`` (docs/spec.md §3)."""
+        if self.kind == "dynamic":
+            return router_query(self.kind, t_emb, newest, query_proj=self.query_proj.weight)
+        return router_query(self.kind, t_emb, newest, query=self.query)
 
 
 def aggregate(state: History | NaiveHistory | ResidualStream, router: Router | None, k: int,
@@ -119,7 +119,7 @@ def aggregate(state: History | NaiveHistory | ResidualStream, router: Router | N
     """Input ``[B, T, d]`` of aggregator ``k`` (0-indexed; ``L`` feeds the final layer): the
     routed mix of its sources (DAR) or the running sum (residual, ``router`` is None)."""
     if router is None:
-        return state.read(k)
+        return state.read(k, None, None)
     q = router.raw_query(t_emb, state.newest)  # [d] | [B, 1, d] | [B, T, d]
     return state.read(k, q, router.norm.weight)
 
@@ -240,9 +240,10 @@ class DARTransformer(nn.Module):
         """The routing state of one forward pass, holding ``v_0`` ``[B, T, d]``."""
         cfg = self.config
         if not cfg.routing.is_dar:
-            return ResidualStream(v0)
-        impl = NaiveHistory if self.routing_impl == "naive" else History
-        return impl(v0, cfg.num_sublayers, self.slices, cfg.routing.norm_eps)
+            impl = ResidualStream
+        else:
+            impl = NaiveHistory if self.routing_impl == "naive" else History
+        return impl(v0, self.slices, cfg.routing.norm_eps)
 
     def velocity(self, x: Tensor, t: Tensor, y: Tensor, state_factory=None) -> Tensor:
         """The unchecked forward. ``state_factory(v0)``, when given, builds the routing state
@@ -254,10 +255,5 @@ class DARTransformer(nn.Module):
         for i, block in enumerate(self.blocks):
             block(state, 2 * i, c, t_emb, self.grad_checkpoint)  # writes v_{2i+1}, v_{2i+2}
         h = aggregate(state, self.final_router, self.config.num_sublayers, t_emb)  # [B, T, d]
-        return self.unpatchify(self.final_layer(h, c))  # [B, C, H, W]
-
-    def unpatchify(self, x: Tensor) -> Tensor:
-        """``[B, T, p*p*C] -> [B, C, H, W]`` (DiT's layout)."""
-        c, p, g = self.config.out_channels, self.config.patch_size, self.config.grid_size
-        x = x.reshape(x.shape[0], g, g, p, p, c)  # [B, h, w, p, p, C]
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, g * p, g * p)
+        out = self.final_layer(h, c)  # [B, T, p*p*C]
+        return unpatchify(out, self.config.patch_size, self.config.out_channels)  # [B,C,H,W]

@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 
 from dar_core.spec.config import LN_EPS, ModelConfig
+from dar_core.spec.patches import patchify, unpatchify
 from dar_core.spec.routing import route, source_sets
+from dar_core.spec.routing import router_query as routing_query
 from dar_core.spec.timestep import timestep_embedding
 from dar_core.spec.validate import validate_inputs
 
@@ -44,23 +46,6 @@ def linear(x: np.ndarray, p: dict[str, np.ndarray], name: str) -> np.ndarray:
     return x @ p[f"{name}.weight"].T + p[f"{name}.bias"]
 
 
-def patchify(x: np.ndarray, p: int) -> np.ndarray:
-    """``[B, C, H, W] -> [B, T, C*p*p]`` with tokens in row-major order, features (c, i, j)."""
-    B, C, H, W = x.shape
-    x = x.reshape(B, C, H // p, p, W // p, p)  # [B, C, h, p, w, p]
-    x = x.transpose(0, 2, 4, 1, 3, 5)  # [B, h, w, C, p, p]
-    return x.reshape(B, (H // p) * (W // p), C * p * p)
-
-
-def unpatchify(x: np.ndarray, p: int, c: int) -> np.ndarray:
-    """``[B, T, p*p*c] -> [B, c, H, W]``; per-token features in DiT's (i, j, c) order."""
-    B, T, _ = x.shape
-    g = int(round(math.sqrt(T)))
-    x = x.reshape(B, g, g, p, p, c)  # [B, h, w, i, j, c]
-    x = x.transpose(0, 5, 1, 3, 2, 4)  # [B, c, h, i, w, j]
-    return x.reshape(B, c, g * p, g * p)
-
-
 def attention(x: np.ndarray, p: dict[str, np.ndarray], name: str, heads: int) -> np.ndarray:
     B, T, d = x.shape
     qkv = linear(x, p, f"{name}.qkv").reshape(B, T, 3, heads, d // heads)  # [B,T,3,H,hd]
@@ -78,13 +63,9 @@ def mlp(x: np.ndarray, p: dict[str, np.ndarray], name: str) -> np.ndarray:
 
 def router_query(cfg: ModelConfig, p: dict[str, np.ndarray], prefix: str,
                  t_emb: np.ndarray, prev: np.ndarray) -> np.ndarray:
-    """The aggregator's query ``q_l(t)`` (docs/spec.md §3), broadcastable to ``[B, T, d]``."""
-    kind = cfg.routing.query
-    if kind == "static":
-        return p[f"{prefix}.query"]  # [d]
-    if kind == "static_t":
-        return p[f"{prefix}.query"] + t_emb[:, None, :]  # [B, 1, d]
-    return prev @ p[f"{prefix}.query_proj.weight"].T  # dynamic: [B, T, d]
+    """The query of the aggregator whose parameters start with ``prefix`` (docs/spec.md §3)."""
+    return routing_query(cfg.routing.query, t_emb, prev, p.get(f"{prefix}.query"),
+                         p.get(f"{prefix}.query_proj.weight"))
 
 
 @dataclass

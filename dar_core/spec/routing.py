@@ -97,6 +97,30 @@ def route(
     return h, alpha
 
 
+def router_query(kind: str, t_emb: Any, newest: Any, query: Any = None,
+                 query_proj: Any = None) -> Any:
+    """An aggregator's query ``q_l(t)`` (docs/spec.md §3), broadcastable to ``[B, T, d]``.
+
+    ``static``: ``query`` ``[d]``; ``static_t``: ``query + e(t)`` with ``t_emb = e(t)`` ``[B, d]``
+    -> ``[B, 1, d]``; ``dynamic``: ``newest @ query_proj^T`` per token, ``newest = v_{l-1}``
+    ``[B, T, d]``, ``query_proj`` ``[d, d]``. Written with operators only (``+``, ``@``, ``.T``,
+    indexing), so NumPy, torch, JAX and MLX arrays all go through the same code.
+    """
+    if kind == "static":
+        return query  # [d]
+    if kind == "static_t":
+        return query + t_emb[:, None, :]  # [B, 1, d]
+    if kind == "dynamic":
+        return newest @ query_proj.T  # [B, T, d]
+    raise ConfigError(f"query must be one of ['static', 'static_t', 'dynamic'], got {kind!r}")
+
+
+def fold_query(raw_query: Any, norm_weight: Any) -> Any:
+    """``q * w / sqrt(d)``: the aggregator's RMSNorm weight and the logit scale folded into the
+    query, so that ``logit_i = rstd_i * (v_i . fold_query(q, w))`` (docs/spec.md §8.2)."""
+    return raw_query * (norm_weight / math.sqrt(norm_weight.shape[-1]))
+
+
 def source_slices(num_sublayers: int, routing: RoutingConfig) -> list[tuple[slice, ...]]:
     """The same sets as ``source_sets``, each as at most two strided slices of the history
     axis (summaries every ``S``-th entry, then the raw outputs of the current chunk), so a
@@ -129,3 +153,48 @@ def source_slices(num_sublayers: int, routing: RoutingConfig) -> list[tuple[slic
 def expand_slices(slices: tuple[slice, ...]) -> tuple[int, ...]:
     """History indices covered by ``slices`` (in order)."""
     return tuple(i for s in slices for i in range(s.start, s.stop, s.step or 1))
+
+
+class NaiveHistory:
+    """The routing state written the plain way (docs/spec.md §8.2): a list of sources, re-stacked
+    for every read and mixed by ``route``. The readable specification every backend's
+    efficient ``History`` is tested against; any array library ``route`` takes.
+
+    The routing-state interface (``dar_core.backend.RoutingState``): built as
+    ``(v0, slices, eps)``; ``newest``; ``write(v)``; ``read(k, raw_query, norm_weight)``.
+    ``weights`` keeps the routing weights ``[N, B, T]`` of every read.
+    """
+
+    def __init__(self, v0: Any, slices: list, eps: float):
+        self.values, self.slices, self.eps = [v0], slices, eps
+        self.weights: list[Any] = []
+
+    @property
+    def newest(self) -> Any:
+        return self.values[-1]
+
+    def write(self, v: Any) -> None:
+        self.values.append(v)
+
+    def read(self, k: int, raw_query: Any, norm_weight: Any) -> Any:
+        xp = namespace(self.values[0])
+        stacked = xp.stack([v for s in self.slices[k] for v in self.values[s]])  # [N, B, T, d]
+        h, alpha = route(stacked, raw_query, norm_weight, eps=self.eps)
+        self.weights.append(alpha)
+        return h  # [B, T, d]
+
+
+class ResidualStream:
+    """Routing off, the same interface: every read is the running sum of all outputs so far
+    (the plain DiT/SiT stream); ``slices`` and ``eps`` are unused."""
+
+    def __init__(self, v0: Any, slices: list | None = None, eps: float = 0.0):
+        self.total, self.newest = v0, v0
+        self.weights: list[Any] = []
+
+    def write(self, v: Any) -> None:
+        self.total = self.total + v  # [B, T, d]
+        self.newest = v
+
+    def read(self, k: int, raw_query: Any = None, norm_weight: Any = None) -> Any:
+        return self.total
