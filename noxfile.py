@@ -36,10 +36,11 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def conformance(session: nox.Session) -> None:
-    """Cross-backend numerical agreement (DAR_BACKENDS picks backends; default: installed)."""
+    """Cross-backend numerical agreement: ``dar conformance``, the suite the package ships
+    (DAR_BACKENDS picks backends; posargs go to the command, e.g. ``-- --report r.json``)."""
     install(session, "all")
-    session.run("pytest", "conformance", *session.posargs,
-                env={"HYPOTHESIS_PROFILE": session.env.get("HYPOTHESIS_PROFILE", "ci")})
+    session.run("dar", "conformance", "--profile", session.env.get("HYPOTHESIS_PROFILE", "ci"),
+                *session.posargs)
 
 
 @nox.session

@@ -83,19 +83,25 @@ class Numerics(Protocol):
       ``(x, noise, t, y)`` and the gradient of every trainable parameter (float64 NumPy);
     - ``route(v, q, w, g, dtype)``: the backend's routing op over ``N`` sources
       ``v [N, B, T, d]`` (query ``q``, norm weight ``w``) with cotangent ``g`` on its output:
-      ``(h, alpha [N, B, T], dv, dq, dw)``.
+      ``(h, alpha [N, B, T], dv, dq, dw)``;
+    - ``strict_float32()``: set the framework's flags so that float32 matmuls and convolutions
+      are float32 on every device (no TF32, XLA ``highest``); returns the flags as set.
+
+    Each runs on ``device`` (a name the backend's ``resolve_device`` takes, default ``"cpu"``).
     """
 
     DTYPES: tuple[str, ...]
 
     def forward(self, config: Any, weights: dict, x: np.ndarray, t: np.ndarray,
-                y: np.ndarray, dtype: str = "float32") -> np.ndarray: ...
+                y: np.ndarray, dtype: str = "float32", device: str = "cpu") -> np.ndarray: ...
 
-    def loss_and_grads(self, config: Any, weights: dict, batch: dict,
-                       dtype: str = "float32") -> tuple[float, dict]: ...
+    def loss_and_grads(self, config: Any, weights: dict, batch: dict, dtype: str = "float32",
+                       device: str = "cpu") -> tuple[float, dict]: ...
 
     def route(self, v: np.ndarray, q: np.ndarray, w: np.ndarray, g: np.ndarray,
-              dtype: str = "float32") -> tuple: ...
+              dtype: str = "float32", device: str = "cpu") -> tuple: ...
+
+    def strict_float32(self) -> dict[str, Any]: ...
 
 
 @runtime_checkable

@@ -1,4 +1,5 @@
-"""The ``dar`` command: ``dar train``, ``dar sample``, ``dar diagnose``, ``dar eval``.
+"""The ``dar`` command: ``dar train``, ``dar sample``, ``dar diagnose``, ``dar eval``,
+``dar conformance``.
 
 ``dar train`` takes every TrainConfig field as a flag (``--lr 3e-4 --query dynamic``), so the
 command line and the Python API cannot drift apart.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -84,7 +86,30 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--weights", choices=("ema", "params"), default="ema")
     ev.add_argument("--out", default=None, help="write all results as JSON here")
+
+    cf = sub.add_parser("conformance", help="check that the installed backends agree with the "
+                                            "float64 reference and each other, on this machine")
+    cf.add_argument("--backends", default=os.environ.get("DAR_BACKENDS") or ",".join(BACKENDS),
+                    help="comma-separated (default: $DAR_BACKENDS or all; those not installed "
+                         "are reported as skipped)")
+    cf.add_argument("--device", default="cpu", choices=("cpu", "cuda", "tpu", "gpu"),
+                    help="device kind every backend runs on (gpu: Apple silicon)")
+    cf.add_argument("--profile", default="ci", choices=("ci", "thorough"),
+                    help="Hypothesis examples per property: ci 12, thorough 200")
+    cf.add_argument("--report", default=None, help="write the JSON report here")
+    cf.add_argument("--select", default=None, help="only tests matching this pytest -k expression")
     return ap
+
+
+def cmd_conformance(args: argparse.Namespace) -> int:
+    from dar_core.conformance.run import headline, run
+
+    rc = run([b.strip() for b in args.backends.split(",") if b.strip()], args.device,
+             args.profile, args.report, args.select)
+    print(headline())
+    if args.report:
+        print(f"report: {args.report}")
+    return rc
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -144,12 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         commands = {"train": cmd_train, "sample": cmd_sample, "diagnose": cmd_diagnose,
-                    "eval": cmd_eval}
-        commands[args.command](args)
+                    "eval": cmd_eval, "conformance": cmd_conformance}
+        return commands[args.command](args) or 0
     except DARError as e:
         print(f"dar {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ CONTRACT = ("DARTransformer", "train", "velocity_model", "resolve_device", "comp
             "History", "NaiveHistory", "ResidualStream", "numerics")
 FUNCTIONS = ("train", "velocity_model", "resolve_device", "compute_dtype")
 STATES = ("History", "NaiveHistory", "ResidualStream")
-NUMERICS = ("forward", "loss_and_grads", "route")
+NUMERICS = ("forward", "loss_and_grads", "route", "strict_float32")
 INSTALLED = installed_backends()
 
 

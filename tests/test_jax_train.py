@@ -13,7 +13,6 @@ optax = pytest.importorskip("optax")
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-from conformance.tolerances import tol  # noqa: E402
 from dar_core import cli  # noqa: E402
 from dar_core.backends.jax.trainer import (  # noqa: E402
     TRACE_COUNTS,
@@ -29,6 +28,7 @@ from dar_core.backends.jax.trainer import (  # noqa: E402
     replicate,
     shard_batch,
 )
+from dar_core.conformance.tolerances import tol  # noqa: E402
 from dar_core.errors import CheckpointError  # noqa: E402
 from dar_core.io.checkpoint import load_checkpoint  # noqa: E402
 from dar_core.spec.schema import random_params, trainable_names  # noqa: E402

@@ -4,8 +4,8 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conformance.conftest import record
-from conformance.tolerances import route_grad_scales, tol
+from dar_core.conformance.report import check
+from dar_core.conformance.tolerances import route_grad_scales, tol
 from dar_core.spec.routing import route
 from dar_core.testing import rel_err
 
@@ -29,11 +29,11 @@ def test_route_op_matches_reference(adapter, oracle, inp):
     _, _, dv64, dq64, dw64 = oracle.route(v, q, w, g, "float64")
     h, a, dv, dq, dw = adapter.route(v, q, w, g, "float32")
     assert np.asarray(h).shape == h64.shape and np.asarray(a).shape == a64.shape
-    assert record("route.output", adapter.name, rel_err(h, h64)) < tol("route")
-    assert record("route.weights", adapter.name, rel_err(a, a64)) < tol("route")
+    check("route.output", adapter.name, rel_err(h, h64), tol("route"))
+    check("route.weights", adapter.name, rel_err(a, a64), tol("route"))
     scales = route_grad_scales(v, q, w, g)
     for what, got, ref in (("dv", dv, dv64), ("dq", dq, dq64), ("dw", dw, dw64)):
         # relative to the gradient's size or, where its terms cancel, to theirs
         err = float(np.abs(np.asarray(got, np.float64) - ref).max()) / max(
             float(np.abs(ref).max()), scales[what], 1e-30)
-        assert record(f"route.grad_{what}", adapter.name, err) < tol("route_grad"), what
+        check(f"route.grad_{what}", adapter.name, err, tol("route_grad"))

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from conformance.conftest import record
-from conformance.tolerances import tol
+from dar_core.conformance.report import check
+from dar_core.conformance.tolerances import tol
 from dar_core.sampling.samplers import sample
 from dar_core.spec.config import RoutingConfig, model_config
 from dar_core.spec.reference import forward
@@ -32,4 +32,4 @@ def test_samples_match_reference(adapter, sampler, cfg_scale):
     out = sample(vm.velocity, vm.asarray(noise), vm.asarray(y), rng=np.random.default_rng(9),
                  asarray=vm.asarray, **kw)
     err = rel_err(vm.to_numpy(out), ref)
-    assert record(f"sampler.{sampler}-cfg{cfg_scale}", adapter.name, err) < tol("sample")
+    check(f"sampler.{sampler}-cfg{cfg_scale}", adapter.name, err, tol("sample"))

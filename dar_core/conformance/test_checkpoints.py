@@ -4,10 +4,9 @@ a core reference checkpoint loads everywhere."""
 import numpy as np
 import pytest
 
-from conformance.adapters import requested_backends
-from conformance.conftest import get_adapter, record
-from conformance.tolerances import tol
-from dar_core.backend import is_installed
+from dar_core.conformance.conftest import available, get_adapter
+from dar_core.conformance.report import check
+from dar_core.conformance.tolerances import tol
 from dar_core.io.checkpoint import load_checkpoint, save_checkpoint
 from dar_core.spec.config import RoutingConfig, model_config
 from dar_core.spec.reference import forward
@@ -29,9 +28,9 @@ def _outputs_everywhere(ckpt_path):
     x, y = _probe(ck.config)
     ref = forward(ck.weights("ema"), ck.config, x, np.full(3, PROBE_T), y)
     outs = {}
-    for name in requested_backends():
-        vm = get_adapter(name).velocity_model(ck.config, ck.weights("ema"))
-        outs[name] = vm.to_numpy(vm.velocity(vm.asarray(x), PROBE_T, vm.asarray(y)))
+    for a in available():
+        vm = a.velocity_model(ck.config, ck.weights("ema"))
+        outs[a.name] = vm.to_numpy(vm.velocity(vm.asarray(x), PROBE_T, vm.asarray(y)))
     return ref, outs
 
 
@@ -39,21 +38,14 @@ def _outputs_everywhere(ckpt_path):
 def trained(tmp_path_factory):
     """A few training steps in each backend (skipped backends are absent)."""
     out = {}
-    for name in requested_backends():
-        a = get_adapter(name) if _available(name) else None
-        if a is None:
-            continue
-        d = tmp_path_factory.mktemp(f"train-{name}")
+    for a in available():
+        d = tmp_path_factory.mktemp(f"train-{a.name}")
         tc = TrainConfig(model="micro", image_size=16, batch_size=4, steps=3, ckpt_every=3,
                          sample_every=10_000, lr=1e-2, query="dynamic", chunk_size=3,
-                         out=str(d), progress=False, device="cpu")
+                         out=str(d), progress=False)
         run_dir = a.train(tc)
-        out[name] = sorted((run_dir / "checkpoints").glob("ckpt-*.safetensors"))[-1]
+        out[a.name] = sorted((run_dir / "checkpoints").glob("ckpt-*.safetensors"))[-1]
     return out
-
-
-def _available(name):
-    return is_installed(name)
 
 
 def test_trained_checkpoint_loads_everywhere(backend, trained):
@@ -63,8 +55,7 @@ def test_trained_checkpoint_loads_everywhere(backend, trained):
     assert ck.ema is not None and ck.opt  # EMA and optimizer state travel too
     ref, outs = _outputs_everywhere(trained[backend])
     for name, out in outs.items():
-        err = record(f"checkpoint.{backend}->reference", name, rel_err(out, ref))
-        assert err < tol("checkpoint"), name
+        check(f"checkpoint.{backend}->reference", name, rel_err(out, ref), tol("checkpoint"))
 
 
 def test_trained_checkpoints_agree_across_backends(pair, trained):
@@ -74,8 +65,7 @@ def test_trained_checkpoints_agree_across_backends(pair, trained):
     # Same init, same batches: three AdamW steps land on (nearly) the same weights.
     for k in pa:
         err = rel_err(pa[k], pb[k])
-        record("train_3_steps.params", f"{a}-{b}", err)
-        assert err < tol("train_params"), k
+        check("train_3_steps.params", f"{a}-{b}", err, tol("train_params"), k)
 
 
 def test_reference_checkpoint_loads_everywhere(tmp_path):
@@ -84,6 +74,7 @@ def test_reference_checkpoint_loads_everywhere(tmp_path):
     path = save_checkpoint(tmp_path / "ref.safetensors", cfg,
                            random_params(cfg, 5, dtype=np.float32))
     ref, outs = _outputs_everywhere(path)
-    assert outs, "no backend available"
+    if not outs:
+        pytest.skip("none of the requested backends runs on this device here")
     for name, out in outs.items():
-        assert record("checkpoint.core->backend", name, rel_err(out, ref)) < tol("checkpoint")
+        check("checkpoint.core->backend", name, rel_err(out, ref), tol("checkpoint"))
