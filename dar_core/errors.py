@@ -19,3 +19,7 @@ class CheckpointError(DARError, ValueError):
 
 class NonFiniteLossError(DARError, FloatingPointError):
     """Training produced NaN/inf; the message names the step. The last good checkpoint stays."""
+
+
+class RunFolderError(DARError, RuntimeError):
+    """A run folder that holds another run, is locked by a live trainer, or cannot be written."""

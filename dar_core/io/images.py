@@ -17,7 +17,10 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     a = np.asarray(images, dtype=np.float32)
     if a.ndim != 4:
         raise InputError(f"images must be [N, C, H, W], got shape {list(a.shape)}")
-    a = np.nan_to_num(a, nan=0.0)
+    bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+    if bad:
+        raise InputError(f"images hold {bad} non-finite values (NaN/inf) of {a.size}: the model "
+                         "or sampler diverged; refusing to paint them as grey")
     a = np.clip((a + 1.0) * 127.5, 0, 255).round().astype(np.uint8).transpose(0, 2, 3, 1)
     if a.shape[-1] == 1:
         a = np.repeat(a, 3, axis=-1)

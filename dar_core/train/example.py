@@ -20,7 +20,8 @@ from dar_core.train.run import TrainConfig
 _FIELDS = {"model": "model", "image_size": "image_size", "batch_size": "batch_size",
            "steps": "steps", "precision": "precision", "routing": "routing", "query": "query",
            "chunk_size": "chunk_size", "lr": "lr", "ema_decay": "ema_decay", "out": "out",
-           "resume": "resume", "seed": "seed", "per_class": "per_class",
+           "resume": "resume", "overwrite": "overwrite", "seed": "seed",
+           "per_class": "per_class",
            "sample_steps": "sample_steps"}
 
 
@@ -42,6 +43,8 @@ def parser(description: str, devices: str) -> argparse.ArgumentParser:
     ap.add_argument("--every", type=int, help="checkpoint and sample-grid cadence in steps")
     ap.add_argument("--out", help="run folder")
     ap.add_argument("--resume", help="'auto' or a checkpoint path")
+    ap.add_argument("--overwrite", action="store_true", default=None,
+                    help="replace the run already in --out (default: refuse)")
     ap.add_argument("--seed", type=int)
     ap.add_argument("--per-class", type=int, help="sample-grid images per class")
     ap.add_argument("--sample-steps", type=int, help="Heun steps of the training sample grids")

@@ -22,11 +22,13 @@ identical batches.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import math
 import os
 import re
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -37,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from dar_core.backend import check_precision
-from dar_core.errors import CheckpointError, ConfigError, NonFiniteLossError
+from dar_core.errors import CheckpointError, ConfigError, NonFiniteLossError, RunFolderError
 from dar_core.io.checkpoint import Checkpoint, atomic_write_bytes, load_checkpoint, save_checkpoint
 from dar_core.sampling.samplers import SAMPLERS, sample
 from dar_core.spec.config import ModelConfig, RoutingConfig, model_config
@@ -89,6 +91,7 @@ class TrainConfig:
     grad_checkpoint: bool = False
     device: str = "auto"
     progress: bool = True
+    overwrite: bool = False  # a fresh run may replace the run already in ``out``
 
     def __post_init__(self) -> None:
         for f in ("steps", "batch_size", "log_every", "ckpt_every", "sample_every",
@@ -101,10 +104,17 @@ class TrainConfig:
             v = getattr(self, f)
             if not (isinstance(v, (int, float)) and lo <= v < hi):
                 raise ConfigError(f"{f} must be a number in [{lo}, {hi}), got {v!r}")
-        for f in ("weight_decay", "grad_clip", "class_dropout", "adam_eps"):
+        for f in ("weight_decay", "grad_clip", "class_dropout"):
             v = getattr(self, f)
             if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
                 raise ConfigError(f"{f} must be a finite number >= 0, got {v!r}")
+        for f in ("adam_eps",):  # 0 divides by sqrt(v) = 0 for a parameter with no gradient
+            v = getattr(self, f)
+            if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
+                raise ConfigError(f"{f} must be a finite number > 0, got {v!r}")
+        if not (isinstance(self.sample_cfg, (int, float)) and math.isfinite(self.sample_cfg)
+                and self.sample_cfg >= 0):
+            raise ConfigError(f"sample_cfg must be a finite number >= 0, got {self.sample_cfg!r}")
         if self.class_dropout >= 1:
             raise ConfigError(f"class_dropout must be < 1, got {self.class_dropout!r}")
         if self.time_sampling not in TIME_SAMPLINGS:
@@ -115,8 +125,9 @@ class TrainConfig:
         if self.sample_sampler not in SAMPLERS:
             raise ConfigError(f"sample_sampler must be one of {list(SAMPLERS)}, "
                               f"got {self.sample_sampler!r}")
-        if not isinstance(self.ema_warmup, bool):
-            raise ConfigError(f"ema_warmup must be a bool, got {self.ema_warmup!r}")
+        for f in ("ema_warmup", "overwrite"):
+            if not isinstance(getattr(self, f), bool):
+                raise ConfigError(f"{f} must be a bool, got {getattr(self, f)!r}")
         self.model_config()  # validates model and routing fields
 
     def ema_decay_at(self, step: int) -> float:
@@ -218,11 +229,49 @@ class Run:
         self._t_last: float | None = None
         self._last_step = -1
         self._bar: Any = None
+        self._lock: RunLock | None = None
         if self.is_main:
+            self._claim()
+
+    def _claim(self) -> None:
+        """Take the run folder: refuse a folder that is a file or not writable, that a live
+        trainer holds, or that holds another run when this one is fresh (neither ``resume``
+        nor ``overwrite``); then remove this folder's orphaned checkpoint temp files."""
+        if self.dir.exists() and not self.dir.is_dir():
+            raise RunFolderError(f"out {str(self.dir)!r} is a file, expected a run folder")
+        try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(self.dir / "config.json", json.dumps(
-                {"train": tc.to_dict(), "model": self.cfg.to_dict(), "backend": backend},
-                indent=2).encode())
+        except OSError as e:
+            raise RunFolderError(f"cannot create run folder {str(self.dir)!r}: "
+                                 f"{e.strerror or e}") from e
+        if not os.access(self.dir, os.W_OK | os.X_OK):
+            raise RunFolderError(f"run folder {str(self.dir)!r} is not writable")
+        self._lock = RunLock(self.dir)
+        previous = self.checkpoints()
+        held = previous or (self.dir / "config.json").exists() or self.metrics_path.exists()
+        if held and not self.tc.resume:
+            if not self.tc.overwrite:
+                self._lock.release()
+                last = f", checkpoints up to step {_step(previous[-1])}" if previous else ""
+                raise RunFolderError(
+                    f"run folder {str(self.dir)!r} already holds a run{last}: pass "
+                    "--resume auto to continue it, --overwrite to replace it, or another --out")
+            for old in previous:
+                old.unlink()
+            for name in ("metrics.jsonl", "config.json", "training.png"):
+                (self.dir / name).unlink(missing_ok=True)
+            if self.sample_dir.is_dir():
+                for png in self.sample_dir.glob("step-*.png"):
+                    png.unlink()
+        if self.ckpt_dir.is_dir():
+            for tmp in self.ckpt_dir.glob(".ckpt-*.safetensors.*.tmp"):
+                tmp.unlink()  # a write this folder's trainer never finished (we hold the lock)
+
+    def _write_config(self) -> None:
+        """``config.json``, written once every check of the run has passed."""
+        atomic_write_bytes(self.dir / "config.json", json.dumps(
+            {"train": self.tc.to_dict(), "model": self.cfg.to_dict(), "backend": self.backend},
+            indent=2).encode())
 
     @property
     def is_main(self) -> bool:
@@ -230,30 +279,67 @@ class Run:
 
     # Checkpoints ------------------------------------------------------------------------
     def checkpoints(self) -> list[Path]:
+        """This folder's checkpoints, oldest step first."""
         if not self.ckpt_dir.is_dir():
             return []
-        return sorted(p for p in self.ckpt_dir.iterdir() if _CKPT.match(p.name))
+        return sorted((p for p in self.ckpt_dir.iterdir() if _CKPT.match(p.name)), key=_step)
 
     def resume_checkpoint(self) -> Checkpoint | None:
-        """The checkpoint named by ``tc.resume`` (``"auto"``: the newest in the run folder)."""
+        """The checkpoint named by ``tc.resume`` (``"auto"``: the newest in the run folder that
+        reads, verifies and is finite, saying which newer ones it skipped and why), checked
+        against this run's model; then ``config.json`` is written (rank 0)."""
+        ckpt = self._find_resume()
+        if ckpt is not None:
+            self.start_step = int(ckpt.meta["step"])
+            if self.is_main:
+                self._truncate_metrics(self.start_step)
+        if self.is_main:
+            self._write_config()
+        return ckpt
+
+    def _find_resume(self) -> Checkpoint | None:
         if not self.tc.resume:
             return None
-        if self.tc.resume == "auto":
-            found = self.checkpoints()
-            if not found:
-                return None
-            path = found[-1]
-        else:
-            path = Path(self.tc.resume)
-        ckpt = load_checkpoint(path, self.cfg)
+        if self.tc.resume != "auto":
+            return self._matching(self._readable(Path(self.tc.resume)), Path(self.tc.resume))
+        found = self.checkpoints()
+        skipped = []
+        for path in reversed(found):
+            try:
+                ckpt = self._readable(path)
+            except CheckpointError as e:  # unreadable or non-finite: fall back to an older one
+                skipped.append(path.name)
+                if self.is_main:
+                    print(f"warning: skipping checkpoint {path.name}: {e}", file=sys.stderr)
+                continue
+            return self._matching(ckpt, path)  # another model's checkpoint is an error
+        if found:
+            raise CheckpointError(f"no checkpoint in {str(self.ckpt_dir)!r} can be resumed "
+                                  f"(skipped {skipped}); pass --overwrite to start afresh")
+        return None
+
+    def _readable(self, path: Path) -> Checkpoint:
+        """The checkpoint at ``path`` if it reads, is complete and finite."""
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError:
+            raise
+        except Exception as e:  # a truncated or garbled file, whatever the reader raises
+            raise CheckpointError(f"{str(path)!r} cannot be read: {e}") from e
+        if "step" not in ckpt.meta:
+            raise CheckpointError(f"checkpoint {str(path)!r} has no 'step' in its metadata")
+        bad = non_finite({"params": ckpt.params, "ema": ckpt.ema or {}, "opt": ckpt.opt or {}})
+        if bad:
+            raise CheckpointError(f"checkpoint {str(path)!r} holds non-finite tensors: "
+                                  f"{bad[:5]}{' ...' if len(bad) > 5 else ''}")
+        return ckpt
+
+    def _matching(self, ckpt: Checkpoint, path: Path) -> Checkpoint:
         if ckpt.config != self.cfg:
             raise CheckpointError(
                 f"checkpoint {str(path)!r} was written for a different model config:\n"
                 f"  checkpoint: {ckpt.config}\n  this run:   {self.cfg}"
             )
-        self.start_step = int(ckpt.meta["step"])
-        if self.is_main:
-            self._truncate_metrics(self.start_step)
         return ckpt
 
     def save(self, step: int, params: dict, ema: dict | None = None, opt: dict | None = None,
@@ -262,11 +348,22 @@ class Run:
         prune old ones. Arrays must already be NumPy (float32)."""
         if not self.is_main:
             return None
+        bad = non_finite({"params": params, "ema": ema or {}, "opt": opt or {}})
+        if bad:
+            if self._bar is not None:
+                self._bar.close()
+            kept = self.checkpoints()
+            raise NonFiniteLossError(
+                f"the state after step {step} holds non-finite tensors ({bad[:3]}"
+                f"{' ...' if len(bad) > 3 else ''}); not saved. "
+                + (f"The last good checkpoint is {str(kept[-1])!r}: resume from it with a "
+                   "lower lr" if kept else "No checkpoint was saved before it"))
         path = self.ckpt_dir / f"ckpt-{step:07d}.safetensors"
         meta = {"step": step, "train": self.tc.to_dict(), "backend": self.backend,
                 "world": self.world}
         save_checkpoint(path, self.cfg, params, ema=ema, opt=opt, state=state, meta=meta)
-        for old in self.checkpoints()[: -self.tc.keep_checkpoints]:
+        older = [p for p in self.checkpoints() if _step(p) <= step]
+        for old in older[: -self.tc.keep_checkpoints]:
             old.unlink()
         self.plot()
         return path
@@ -353,14 +450,89 @@ class Run:
         if self._bar is not None:
             self._bar.close()
         self.plot()
+        if self._lock is not None:
+            self._lock.release()
 
     def _truncate_metrics(self, step: int) -> None:
-        """Drop records past ``step`` left by a run that died after its last checkpoint."""
+        """Drop records past ``step`` left by a run that died after its last checkpoint, and
+        any line that does not parse (a torn write: power loss, a full disk), with a warning."""
         if not self.metrics_path.exists():
             return
-        keep = [ln for ln in self.metrics_path.read_text().splitlines()
-                if ln.strip() and json.loads(ln)["step"] <= step]
+        keep = []
+        for n, ln in enumerate(self.metrics_path.read_text(errors="replace").splitlines(), 1):
+            if not ln.strip():
+                continue
+            try:
+                rec = json.loads(ln)
+                rec_step = int(rec["step"])
+            except (ValueError, KeyError, TypeError):
+                print(f"warning: dropping unreadable line {n} of {self.metrics_path}",
+                      file=sys.stderr)
+                continue
+            if rec_step <= step:
+                keep.append(ln)
         atomic_write_bytes(self.metrics_path, "".join(k + "\n" for k in keep).encode())
+
+
+def _step(path: Path) -> int:
+    return int(_CKPT.match(path.name).group(1))
+
+
+def non_finite(groups: dict[str, dict[str, Any]]) -> list[str]:
+    """``"group/name"`` of every floating array holding NaN or inf."""
+    bad = []
+    for group, arrays in groups.items():
+        for name, a in arrays.items():
+            a = np.asarray(a)
+            if a.dtype.kind == "f" and not np.isfinite(a).all():
+                bad.append(f"{group}/{name}")
+    return bad
+
+
+class RunLock:
+    """An exclusive lock on a run folder: ``.lock`` created with ``O_EXCL`` holding the
+    holder's host and pid, removed on release or at exit. A lock whose process is gone (same
+    host) is stale and taken over; a live holder makes a second trainer refuse, naming it."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / ".lock"
+        me = f"{socket.gethostname()} {os.getpid()}"
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self.path.read_text(errors="replace").strip()
+                if self._alive(holder):
+                    raise RunFolderError(
+                        f"run folder {str(folder)!r} is in use by another trainer "
+                        f"(host and pid: {holder}); wait for it or choose another --out"
+                    ) from None
+                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(me + "\n")
+            self.held = True
+            atexit.register(self.release)
+            return
+        raise RunFolderError(f"could not take the lock {str(self.path)!r}")
+
+    @staticmethod
+    def _alive(holder: str) -> bool:
+        host, _, pid = holder.partition(" ")
+        if host != socket.gethostname() or not pid.isdigit():
+            return bool(holder)  # another host's (or unreadable) lock: assume it is live
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return int(pid) != os.getpid()  # our own: an earlier run of this process, done
+
+    def release(self) -> None:
+        if getattr(self, "held", False):
+            self.held = False
+            self.path.unlink(missing_ok=True)
 
 
 def env_rank_world() -> tuple[int, int]:
