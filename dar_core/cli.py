@@ -45,6 +45,8 @@ def _parse_labels(s: str | None) -> list[int] | None:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dar", description="Diffusion-Adaptive Routing")
+    ap.add_argument("--debug", action="store_true",
+                    help="show the traceback of an error instead of its one-line message")
     sub = ap.add_subparsers(dest="command", required=True)
 
     tr = sub.add_parser("train", help="train a DiT/SiT with DAR or residual routing")
@@ -171,9 +173,20 @@ def main(argv: list[str] | None = None) -> int:
         commands = {"train": cmd_train, "sample": cmd_sample, "diagnose": cmd_diagnose,
                     "eval": cmd_eval, "conformance": cmd_conformance}
         return commands[args.command](args) or 0
-    except DARError as e:
-        print(f"dar {args.command}: error: {e}", file=sys.stderr)
+    except (DARError, OSError) as e:
+        if args.debug:
+            raise
+        print(f"dar {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _one_line(e: Exception) -> str:
+    """A DARError's message; for an OSError what failed and on which file (a full disk, a
+    read-only folder, a missing path), without the traceback (``dar --debug`` shows it)."""
+    if isinstance(e, OSError) and not isinstance(e, DARError):
+        where = f" {str(e.filename)!r}" if e.filename else ""
+        return f"{e.strerror or type(e).__name__}:{where} ({type(e).__name__})"
+    return str(e).replace("\n", " ")
 
 
 if __name__ == "__main__":

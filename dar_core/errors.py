@@ -23,3 +23,7 @@ class NonFiniteLossError(DARError, FloatingPointError):
 
 class RunFolderError(DARError, RuntimeError):
     """A run folder that holds another run, is locked by a live trainer, or cannot be written."""
+
+
+class TrainingInterrupted(DARError, RuntimeError):
+    """SIGTERM/SIGINT stopped training after writing a checkpoint of the current step."""

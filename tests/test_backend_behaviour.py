@@ -199,3 +199,43 @@ def test_example_answers_help_and_runs_end_to_end_on_a_cpu(name, tmp_path, tmp_p
     assert (out / "samples" / "step-0000002.png").is_file()
     for png in ("final-cfg1.5.png", "final-cfg1.0.png", "training.png"):
         assert (out / png).is_file(), png
+
+
+def test_sigterm_checkpoints_the_current_step_and_resume_is_bit_identical(name, tmp_path):
+    """A cluster's preemption: SIGTERM mid-run finishes the step, writes its checkpoint, says
+    how to resume and exits non-zero; the resumed run equals an uninterrupted one."""
+    tc = BASE.replace(steps=10, ckpt_every=4, out=str(tmp_path / "stopped"))
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, name,
+                             json.dumps(dataclasses.asdict(tc))], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    first = tmp_path / "stopped" / "checkpoints" / "ckpt-0000004.safetensors"
+    deadline = time.monotonic() + 240
+    while not first.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no first checkpoint:\n{proc.stdout.read().decode()[-3000:]}")
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode not in (0, -signal.SIGTERM), out[-3000:]
+    assert "TrainingInterrupted: stopped by SIGTERM after step" in out, out[-3000:]
+    assert "continue with --resume auto" in out
+    metrics = _metrics(tmp_path / "stopped")
+    last = metrics[-1]["step"]
+    assert 4 <= last < 10, last  # stopped mid-run ...
+    ckpts = sorted(p.name for p in first.parent.iterdir() if p.suffix == ".safetensors")
+    assert ckpts[-1] == f"ckpt-{last:07d}.safetensors", ckpts  # ... with the step it reached
+    assert not (tmp_path / "stopped" / ".lock").exists()
+
+    _run(name, tc.replace(resume="auto"))
+    _run(name, tc.replace(out=str(tmp_path / "straight")))
+    final = "checkpoints/ckpt-0000010.safetensors"
+    a = load_checkpoint(tmp_path / "stopped" / final)
+    b = load_checkpoint(tmp_path / "straight" / final)
+    for section in ("params", "ema", "opt"):
+        da, db = getattr(a, section), getattr(b, section)
+        assert sorted(da) == sorted(db), section
+        for k in db:
+            assert np.array_equal(da[k], db[k]), f"{section}/{k} differs after resume"
+    assert [m["loss"] for m in _metrics(tmp_path / "stopped")] == [
+        m["loss"] for m in _metrics(tmp_path / "straight")]

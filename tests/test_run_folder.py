@@ -204,3 +204,27 @@ def test_resume_auto_with_no_readable_checkpoint_refuses_instead_of_starting_afr
     after = _snapshot(run.dir)
     after.pop(".lock", None)
     assert after == before
+
+
+def test_an_os_error_is_one_line_and_debug_shows_the_traceback(tmp_path):
+    pytest.importorskip("torch")
+    from dar_core.io.checkpoint import save_checkpoint
+    from dar_core.spec.config import model_config
+
+    cfg = model_config("micro")
+    ckpt = save_checkpoint(tmp_path / "m.safetensors", cfg,
+                           {k: v.astype(np.float32) for k, v in init_params(cfg, 0).items()},
+                           meta={"step": 1})
+    png = "/proc/no-such-folder/grid.png"  # a folder nobody can create
+    base = [sys.executable, "-m", "dar_core.cli"]
+    tail = ["sample", "--backend", "torch", "--checkpoint", str(ckpt), "--steps", "1",
+            "--per-class", "1", "--out", png]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(base + tail, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dar sample: error: "), res.stderr
+    assert "/proc/no-such-folder" in lines[0]
+    res = subprocess.run(base + ["--debug"] + tail, capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert res.returncode == 1 and "Traceback (most recent call last)" in res.stderr

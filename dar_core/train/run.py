@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import signal
 import socket
 import sys
 import time
@@ -39,7 +40,13 @@ from typing import Any
 import numpy as np
 
 from dar_core.backend import check_precision
-from dar_core.errors import CheckpointError, ConfigError, NonFiniteLossError, RunFolderError
+from dar_core.errors import (
+    CheckpointError,
+    ConfigError,
+    NonFiniteLossError,
+    RunFolderError,
+    TrainingInterrupted,
+)
 from dar_core.io.checkpoint import Checkpoint, atomic_write_bytes, load_checkpoint, save_checkpoint
 from dar_core.sampling.samplers import SAMPLERS, sample
 from dar_core.spec.config import ModelConfig, RoutingConfig, model_config
@@ -230,6 +237,8 @@ class Run:
         self._last_step = -1
         self._bar: Any = None
         self._lock: RunLock | None = None
+        self._signal: str | None = None  # the name of a stop signal received
+        self._stop_step: int | None = None  # the step whose end saves and stops
         if self.is_main:
             self._claim()
 
@@ -370,16 +379,62 @@ class Run:
 
     # Loop helpers ------------------------------------------------------------------------
     def steps(self) -> Iterator[int]:
-        """Step indices ``start .. steps-1``; a progress bar on rank 0."""
+        """Step indices ``start .. steps-1``; a progress bar on rank 0.
+
+        In a single-process run SIGTERM (a cluster's preemption) and SIGINT (Ctrl-C) stop the
+        run cleanly: the step in progress finishes, ``should_checkpoint`` says yes for it, and
+        once its checkpoint is written ``TrainingInterrupted`` says how to resume. (With
+        several processes the launcher's own handling applies: ranks could see the signal
+        at different steps and disagree on when to save.)"""
         rng = range(self.start_step, self.tc.steps)
         if self.is_main and self.tc.progress:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(rng, total=self.tc.steps, initial=self.start_step,
                              desc=f"train {self.backend}", dynamic_ncols=True, file=sys.stderr)
-            yield from self._bar
-        else:
-            yield from rng
+            rng = self._bar
+        with self._stop_signals():
+            for step in rng:
+                yield step
+                if self._stop_step == step:
+                    if self._bar is not None:
+                        self._bar.close()
+                    kept = self.checkpoints()
+                    raise TrainingInterrupted(
+                        f"stopped by {self._signal} after step {self.done(step)}: checkpoint "
+                        f"{str(kept[-1]) if kept else '(none)'!r} written; continue with "
+                        f"--resume auto --out {self.tc.out}")
+
+    def _stop_signals(self):
+        import contextlib
+        import threading
+
+        @contextlib.contextmanager
+        def installed():
+            if self.world != 1 or threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {}
+
+            def handler(signum, frame):
+                self._signal = signal.Signals(signum).name
+
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, handler)
+            try:
+                yield
+            finally:
+                for sig, h in previous.items():
+                    signal.signal(sig, h)
+
+        return installed()
+
+    def _stopping(self, step: int) -> bool:
+        """Whether ``step`` ends the run on a stop signal (decided once, at the first question
+        about the step after the signal, so every question about that step agrees)."""
+        if self._signal is not None and self._stop_step is None:
+            self._stop_step = step
+        return self._stop_step == step
 
     def done(self, step: int) -> int:
         """Optimizer steps completed after running ``step``."""
@@ -387,7 +442,7 @@ class Run:
 
     def should_checkpoint(self, step: int) -> bool:
         n = self.done(step)
-        return n % self.tc.ckpt_every == 0 or n == self.tc.steps
+        return n % self.tc.ckpt_every == 0 or n == self.tc.steps or self._stopping(step)
 
     def should_sample(self, step: int) -> bool:
         n = self.done(step)
