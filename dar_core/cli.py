@@ -18,6 +18,7 @@ import numpy as np
 from dar_core.backend import BACKENDS, load_backend
 from dar_core.diagnostics.symptoms import DEFAULT_TIMESTEPS
 from dar_core.errors import DARError
+from dar_core.io.checkpoint import writable_parent
 from dar_core.sampling.samplers import SAMPLERS
 from dar_core.train.run import TrainConfig
 
@@ -157,6 +158,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from dar_core.sampling.from_checkpoint import sample_checkpoint
 
     out = args.out or str(Path(args.checkpoint).with_suffix("")) + f"-{args.sampler}.png"
+    if args.save_npz:
+        writable_parent(args.save_npz)  # before the sampling, not after it
     images, labels = sample_checkpoint(
         args.checkpoint, backend=args.backend, sampler=args.sampler, steps=args.steps,
         cfg_scale=args.cfg, guidance_interval=tuple(args.guidance_interval),

@@ -88,36 +88,46 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
     assert [m["step"] for m in _metrics(tmp_path / "run")] == [1, 2, 3, 4, 5]
 
 
-def test_sigkill_then_resume_is_bit_identical(name, tmp_path):
-    tc = BASE.replace(steps=10, ckpt_every=4, out=str(tmp_path / "killed"))
+def _resume_and_compare(name: str, tc: TrainConfig, interrupted: Path, straight: Path) -> None:
+    """Resume the interrupted run to its end, run it uninterrupted elsewhere, and require the
+    final params, EMA and AdamW state to be bit-identical."""
+    _run(name, tc.replace(resume="auto"))
+    _run(name, tc.replace(out=str(straight)))
+    final = "checkpoints/ckpt-0000010.safetensors"
+    a, b = load_checkpoint(interrupted / final), load_checkpoint(straight / final)
+    for section in ("params", "ema", "opt"):
+        da, db = getattr(a, section), getattr(b, section)
+        assert sorted(da) == sorted(db), section
+        for k in db:
+            assert np.array_equal(da[k], db[k]), f"{section}/{k} differs after resume"
+
+
+def _start_until_first_checkpoint(name: str, tc: TrainConfig) -> subprocess.Popen:
+    """A slowed training child, returned once its step-4 checkpoint exists."""
     proc = subprocess.Popen([sys.executable, "-c", CHILD, name,
                              json.dumps(dataclasses.asdict(tc))], env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    first = tmp_path / "killed" / "checkpoints" / "ckpt-0000004.safetensors"
+    first = Path(tc.out) / "checkpoints" / "ckpt-0000004.safetensors"
     deadline = time.monotonic() + 240
     while not first.exists():
-        if proc.poll() is not None:
-            pytest.fail(f"training child exited early:\n{proc.stdout.read().decode()[-3000:]}")
-        if time.monotonic() > deadline:
+        if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            pytest.fail("no checkpoint within 240 s")
+            pytest.fail(f"no first checkpoint:\n{proc.stdout.read().decode()[-3000:]}")
         time.sleep(0.02)
+    return proc
+
+
+def test_sigkill_then_resume_is_bit_identical(name, tmp_path):
+    tc = BASE.replace(steps=10, ckpt_every=4, out=str(tmp_path / "killed"))
+    proc = _start_until_first_checkpoint(name, tc)
+    first = tmp_path / "killed" / "checkpoints" / "ckpt-0000004.safetensors"
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=30) == -signal.SIGKILL
     proc.stdout.close()
     ckpts = sorted(p.name for p in first.parent.iterdir() if p.suffix == ".safetensors")
     assert ckpts == ["ckpt-0000004.safetensors"], ckpts  # killed before the next one
 
-    _run(name, tc.replace(resume="auto"))
-    _run(name, tc.replace(out=str(tmp_path / "straight")))
-    final = "checkpoints/ckpt-0000010.safetensors"
-    a = load_checkpoint(tmp_path / "killed" / final)
-    b = load_checkpoint(tmp_path / "straight" / final)
-    for section in ("params", "ema", "opt"):
-        da, db = getattr(a, section), getattr(b, section)
-        assert sorted(da) == sorted(db), section
-        for k in db:
-            assert np.array_equal(da[k], db[k]), f"{section}/{k} differs after resume"
+    _resume_and_compare(name, tc, tmp_path / "killed", tmp_path / "straight")
     killed, straight = _metrics(tmp_path / "killed"), _metrics(tmp_path / "straight")
     assert [m["step"] for m in killed] == list(range(1, 11))  # no duplicates from the kill
     assert [m["loss"] for m in killed] == [m["loss"] for m in straight]
@@ -205,16 +215,8 @@ def test_sigterm_checkpoints_the_current_step_and_resume_is_bit_identical(name, 
     """A cluster's preemption: SIGTERM mid-run finishes the step, writes its checkpoint, says
     how to resume and exits non-zero; the resumed run equals an uninterrupted one."""
     tc = BASE.replace(steps=10, ckpt_every=4, out=str(tmp_path / "stopped"))
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, name,
-                             json.dumps(dataclasses.asdict(tc))], env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = _start_until_first_checkpoint(name, tc)
     first = tmp_path / "stopped" / "checkpoints" / "ckpt-0000004.safetensors"
-    deadline = time.monotonic() + 240
-    while not first.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"no first checkpoint:\n{proc.stdout.read().decode()[-3000:]}")
-        time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=120)[0].decode()
     assert proc.returncode not in (0, -signal.SIGTERM), out[-3000:]
@@ -227,15 +229,6 @@ def test_sigterm_checkpoints_the_current_step_and_resume_is_bit_identical(name, 
     assert ckpts[-1] == f"ckpt-{last:07d}.safetensors", ckpts  # ... with the step it reached
     assert not (tmp_path / "stopped" / ".lock").exists()
 
-    _run(name, tc.replace(resume="auto"))
-    _run(name, tc.replace(out=str(tmp_path / "straight")))
-    final = "checkpoints/ckpt-0000010.safetensors"
-    a = load_checkpoint(tmp_path / "stopped" / final)
-    b = load_checkpoint(tmp_path / "straight" / final)
-    for section in ("params", "ema", "opt"):
-        da, db = getattr(a, section), getattr(b, section)
-        assert sorted(da) == sorted(db), section
-        for k in db:
-            assert np.array_equal(da[k], db[k]), f"{section}/{k} differs after resume"
+    _resume_and_compare(name, tc, tmp_path / "stopped", tmp_path / "straight")
     assert [m["loss"] for m in _metrics(tmp_path / "stopped")] == [
         m["loss"] for m in _metrics(tmp_path / "straight")]

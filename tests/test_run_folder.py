@@ -163,7 +163,7 @@ def test_bad_numbers_are_refused_before_any_work(tmp_path, field, value, message
 
 def test_out_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "run").write_text("notes")
-    with pytest.raises(RunFolderError, match="is a file, expected a run folder"):
+    with pytest.raises(RunFolderError, match="run folder .* is a file, expected a folder"):
         Run(_tc(tmp_path), "test")
     assert (tmp_path / "run").read_text() == "notes"
 
@@ -228,3 +228,64 @@ def test_an_os_error_is_one_line_and_debug_shows_the_traceback(tmp_path):
     res = subprocess.run(base + ["--debug"] + tail, capture_output=True, text=True,
                          timeout=300, env=env)
     assert res.returncode == 1 and "Traceback (most recent call last)" in res.stderr
+
+
+def _saved(tmp_path) -> tuple[object, object]:
+    from dar_core.io.checkpoint import save_checkpoint
+    from dar_core.spec.config import model_config
+
+    cfg = model_config("micro")
+    w = {k: v.astype(np.float32) for k, v in init_params(cfg, 0).items()}
+    return cfg, save_checkpoint(tmp_path / "m.safetensors", cfg, w, meta={"step": 1})
+
+
+def test_a_flipped_bit_in_a_checkpoint_is_caught_by_its_checksums(tmp_path):
+    from dar_core.io.checkpoint import load_checkpoint
+
+    _, path = _saved(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x04  # one bit of the last tensor's bytes
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum mismatch in \\['"):
+        load_checkpoint(path)
+
+
+def test_a_crafted_header_is_refused_before_anything_is_built(tmp_path):
+    import json
+    import time
+
+    from safetensors.numpy import save
+
+    from dar_core.io.checkpoint import FORMAT, VERSION, load_checkpoint
+    from dar_core.spec.config import model_config
+
+    cfg = model_config("micro").to_dict()
+    cfg["depth"] = 10**8
+    path = tmp_path / "crafted.safetensors"
+    path.write_bytes(save({"params/x": np.zeros(1, np.float32)},
+                          metadata={"format": FORMAT, "version": str(VERSION),
+                                    "config": json.dumps(cfg), "meta": "{}"}))
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointError, match="depth=100000000 is above the supported 1024"):
+        load_checkpoint(path)
+    assert time.perf_counter() - t0 < 5  # refused, not built (this took minutes and GBs)
+    no_config = tmp_path / "no-config.safetensors"
+    no_config.write_bytes(save({"params/x": np.zeros(1, np.float32)},
+                               metadata={"format": FORMAT, "meta": "{}"}))
+    with pytest.raises(CheckpointError, match="unusable header: 'config'"):
+        load_checkpoint(no_config)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(per_class=0), "per_class must be a positive integer, got 0"),
+    (dict(seed=-1), "seed must be an integer >= 0, got -1"),
+    (dict(cfg_scale=float("nan")), "cfg_scale must be a finite number >= 0, got nan"),
+    (dict(labels=[]), "labels is empty"),
+    (dict(png="/proc/no-such-folder/x.png"), "cannot create the folder of output"),
+])
+def test_bad_sampling_requests_are_refused_before_sampling(tmp_path, kw, message):
+    from dar_core.sampling.from_checkpoint import sample_checkpoint
+
+    _, path = _saved(tmp_path)
+    with pytest.raises(ConfigError, match=message.replace("[", "\\[")):
+        sample_checkpoint(str(path), backend="auto", **kw)

@@ -13,13 +13,14 @@ import json
 import os
 import stat
 import tempfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dar_core.errors import CheckpointError
+from dar_core.errors import CheckpointError, ConfigError
 from dar_core.spec.config import ModelConfig
 from dar_core.spec.schema import check_params
 
@@ -42,6 +43,30 @@ class Checkpoint:
         if which not in ("ema", "params"):
             raise CheckpointError(f"which must be 'ema' or 'params', got {which!r}")
         return self.ema if which == "ema" and self.ema is not None else self.params
+
+
+def writable_folder(folder: str | os.PathLike, what: str, error: type = ConfigError) -> Path:
+    """Create ``folder`` if needed and check that files can be written in it, before any long
+    work starts; ``error`` naming ``what`` it is, the path and the reason otherwise."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise error(f"{what} {str(folder)!r} is a file, expected a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise error(f"cannot create {what} {str(folder)!r}: {e.strerror or e}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise error(f"{what} {str(folder)!r} is not writable")
+    return folder
+
+
+def writable_parent(path: str | os.PathLike) -> Path:
+    """``writable_folder`` for the folder of an output file ``path``."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"output {str(path)!r} is a folder, expected a file path")
+    writable_folder(path.parent, f"the folder of output {str(path)!r},")
+    return path
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -106,6 +131,7 @@ def save_checkpoint(
         "version": str(VERSION),
         "config": config.to_json(),
         "meta": json.dumps(meta or {}, sort_keys=True),
+        "crc32": json.dumps({k: checksum(v) for k, v in tensors.items()}, sort_keys=True),
     }
     data = _safetensors_numpy().save(tensors, metadata=header)
     atomic_write_bytes(path, data)
@@ -137,8 +163,24 @@ def read_header(path: str | os.PathLike) -> dict[str, str]:
 def load_checkpoint(path: str | os.PathLike, config: ModelConfig | None = None) -> Checkpoint:
     """Read a checkpoint. With ``config``, check it matches and name the first mismatch."""
     md = read_header(path)
-    stored = ModelConfig.from_json(md["config"])
-    tensors = _safetensors_numpy().load_file(str(path))
+    try:
+        stored = ModelConfig.from_json(md["config"])
+        meta = json.loads(md.get("meta", "{}"))
+        sums = json.loads(md["crc32"]) if "crc32" in md else None  # older files have none
+    except (KeyError, ValueError, TypeError) as e:  # ConfigError is a ValueError
+        raise CheckpointError(f"{str(path)!r} has an unusable header: {e}") from None
+    try:
+        tensors = _safetensors_numpy().load_file(str(path))
+    except Exception as e:  # the reader's own error for a truncated or garbled body
+        raise CheckpointError(f"{str(path)!r} cannot be read (truncated or corrupt?): "
+                              f"{e}") from None
+    if sums is not None:
+        if sorted(sums) != sorted(tensors):
+            raise CheckpointError(f"{str(path)!r}: its tensors do not match its checksum list")
+        bad = [k for k, v in tensors.items() if checksum(v) != sums[k]]
+        if bad:
+            raise CheckpointError(f"{str(path)!r}: checksum mismatch in {bad[:3]} (the file "
+                                  "changed after it was written: a bit flip or a bad copy)")
     sections: dict[str, dict[str, np.ndarray]] = {s: {} for s in SECTIONS}
     for k, v in tensors.items():
         section, _, name = k.partition("/")
@@ -156,8 +198,13 @@ def load_checkpoint(path: str | os.PathLike, config: ModelConfig | None = None) 
         ema=ema,
         opt=sections["opt"],
         state=sections["state"],
-        meta=json.loads(md.get("meta", "{}")),
+        meta=meta,
     )
+
+
+def checksum(a: np.ndarray) -> int:
+    """CRC-32 of an array's bytes (C order), stored per tensor in the header at save."""
+    return zlib.crc32(np.ascontiguousarray(a).tobytes())
 
 
 def optimizer_state_keys(names: list[str]) -> list[str]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from dar_core.backend import load_backend
-from dar_core.errors import ConfigError
-from dar_core.io.checkpoint import load_checkpoint
+from dar_core.errors import ConfigError, InputError
+from dar_core.io.checkpoint import load_checkpoint, writable_parent
 from dar_core.sampling.samplers import sample
 
 
@@ -32,6 +34,16 @@ def sample_checkpoint(
     ``per_class`` times. The initial noise is ``noise`` when given, else drawn from
     ``default_rng(seed)``; the SDE's noise continues that generator. ``batch_size`` splits the
     work into chunks of that many samples (each chunk continues the same generator)."""
+    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
+        raise ConfigError(f"per_class must be a positive integer, got {per_class!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
+    if not (isinstance(cfg_scale, (int, float)) and math.isfinite(cfg_scale) and cfg_scale >= 0):
+        raise ConfigError(f"cfg_scale must be a finite number >= 0, got {cfg_scale!r}")
+    if labels is not None and len(labels) == 0:
+        raise ConfigError("labels is empty: give at least one label, or none for every class")
+    if png:
+        writable_parent(png)  # before the sampling, not after it
     ckpt = load_checkpoint(checkpoint)
     cfg = ckpt.config
     if labels is None:
@@ -66,6 +78,10 @@ def sample_checkpoint(
                      guidance_interval=guidance_interval, rng=rng, asarray=vm.asarray)
         chunks.append(vm.to_numpy(out).astype(np.float32))
     images = np.concatenate(chunks)
+    bad = int(images.size - np.count_nonzero(np.isfinite(images)))
+    if bad:
+        raise InputError(f"the samples hold {bad} non-finite values of {images.size}: the "
+                         f"checkpoint's {weights} weights or the sampler settings diverge")
     if png:
         from dar_core.io.images import save_image_grid
 

@@ -70,6 +70,13 @@ class RoutingConfig:
 
 
 
+# Upper bounds on sizes, checked before anything is built from a config (a checkpoint header
+# that says depth=1e8 would otherwise allocate its schema for minutes). They sit far above
+# every published DiT/SiT (XL: depth 28, width 1152, 256x256 images at patch 2, 1000 classes).
+MAX_SIZES = {"depth": 1024, "hidden_size": 65536, "num_heads": 1024, "patch_size": 64,
+             "input_size": 8192, "in_channels": 1024, "num_classes": 1_000_000}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """A DiT/SiT with optional DAR routing. Output channels equal input channels (velocity)."""
@@ -89,6 +96,9 @@ class ModelConfig:
         for f in ("depth", "hidden_size", "num_heads", "patch_size", "input_size",
                   "in_channels", "num_classes"):
             _positive_int(f, getattr(self, f))
+            if getattr(self, f) > MAX_SIZES[f]:
+                raise ConfigError(f"{f}={getattr(self, f)} is above the supported "
+                                  f"{MAX_SIZES[f]} (a corrupt or crafted config?)")
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"

@@ -47,7 +47,13 @@ from dar_core.errors import (
     RunFolderError,
     TrainingInterrupted,
 )
-from dar_core.io.checkpoint import Checkpoint, atomic_write_bytes, load_checkpoint, save_checkpoint
+from dar_core.io.checkpoint import (
+    Checkpoint,
+    atomic_write_bytes,
+    load_checkpoint,
+    save_checkpoint,
+    writable_folder,
+)
 from dar_core.sampling.samplers import SAMPLERS, sample
 from dar_core.spec.config import ModelConfig, RoutingConfig, model_config
 from dar_core.spec.interpolant import TIME_SAMPLINGS, sample_time
@@ -246,15 +252,7 @@ class Run:
         """Take the run folder: refuse a folder that is a file or not writable, that a live
         trainer holds, or that holds another run when this one is fresh (neither ``resume``
         nor ``overwrite``); then remove this folder's orphaned checkpoint temp files."""
-        if self.dir.exists() and not self.dir.is_dir():
-            raise RunFolderError(f"out {str(self.dir)!r} is a file, expected a run folder")
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise RunFolderError(f"cannot create run folder {str(self.dir)!r}: "
-                                 f"{e.strerror or e}") from e
-        if not os.access(self.dir, os.W_OK | os.X_OK):
-            raise RunFolderError(f"run folder {str(self.dir)!r} is not writable")
+        writable_folder(self.dir, "run folder", RunFolderError)
         self._lock = RunLock(self.dir)
         previous = self.checkpoints()
         held = previous or (self.dir / "config.json").exists() or self.metrics_path.exists()
