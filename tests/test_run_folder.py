@@ -234,7 +234,7 @@ def _saved(tmp_path) -> tuple[object, object]:
     from dar_core.io.checkpoint import save_checkpoint
     from dar_core.spec.config import model_config
 
-    cfg = model_config("micro")
+    cfg = model_config("micro", input_size=16)  # the procedural data's size
     w = {k: v.astype(np.float32) for k, v in init_params(cfg, 0).items()}
     return cfg, save_checkpoint(tmp_path / "m.safetensors", cfg, w, meta={"step": 1})
 
@@ -289,3 +289,26 @@ def test_bad_sampling_requests_are_refused_before_sampling(tmp_path, kw, message
     _, path = _saved(tmp_path)
     with pytest.raises(ConfigError, match=message.replace("[", "\\[")):
         sample_checkpoint(str(path), backend="auto", **kw)
+
+
+def test_torch_model_names_a_dtype_mismatch_of_its_input():
+    torch = pytest.importorskip("torch")
+    from dar_core.backends.torch import DARTransformer
+    from dar_core.spec.config import model_config
+
+    cfg = model_config("micro")
+    model = DARTransformer(cfg)
+    x = torch.zeros(1, cfg.in_channels, cfg.input_size, cfg.input_size, dtype=torch.float64)
+    with pytest.raises(InputError, match="x is torch.float64 on cpu, the model's weights are "
+                                         "torch.float32 on cpu"):
+        model(x, torch.zeros(1), torch.zeros(1, dtype=torch.long))
+
+
+def test_diagnose_refuses_n_0_and_an_untrained_model_gets_a_headline(tmp_path):
+    from dar_core.diagnostics.symptoms import diagnose, headline
+
+    _, path = _saved(tmp_path)  # zero-initialised final layer: no gradient reaches z_D
+    with pytest.raises(ConfigError, match="n must be a positive integer, got 0"):
+        diagnose([str(path)], (0.5,), n=0, backend="reference")
+    lines = headline(diagnose([str(path)], (0.5,), n=2, backend="reference"))
+    assert len(lines) == 1 and "t=0.50" in lines[0]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
-from dar_core.errors import ConfigError
+from dar_core.errors import ConfigError, InputError
 from dar_core.spec.config import LN_EPS, ModelConfig
 from dar_core.spec.patches import unpatchify
 from dar_core.spec.routing import router_query, source_slices
@@ -231,6 +231,11 @@ class DARTransformer(nn.Module):
             if not isinstance(a, Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(a).__name__}")
         check_shapes(cfg, x.shape, t.shape, y.shape)
+        weight = self.x_embedder.proj.weight
+        if x.dtype != weight.dtype or x.device != weight.device:
+            raise InputError(f"x is {x.dtype} on {x.device}, the model's weights are "
+                             f"{weight.dtype} on {weight.device}: pass x.to(model's dtype and "
+                             "device) (bf16 compute: torch.autocast, not bf16 inputs)")
         is_int = not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool)
         check_values(cfg, x_finite=bool(torch.isfinite(x).all()), t_min=float(t.min()),
                      t_max=float(t.max()), y_min=int(y.min()) if is_int else 0,

@@ -120,12 +120,14 @@ def diagnose(
 ) -> dict[str, Any]:
     """Every number, for every checkpoint and timestep, as one JSON-ready dict."""
     from dar_core.backend import installed_backends, load_backend
-    from dar_core.errors import ConfigError
+    from dar_core.errors import ConfigError, InputError
     from dar_core.io.checkpoint import load_checkpoint
 
     bad = [t for t in timesteps if not 0.0 <= t <= 1.0]
     if bad:
         raise ConfigError(f"timesteps must lie in [0, 1], got {bad[0]!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"n must be a positive integer, got {n!r}")
     if backend == "auto":
         usable = [b for b in installed_backends()
                   if hasattr(load_backend(b), "measure")]
@@ -146,6 +148,10 @@ def diagnose(
                 raise ConfigError(f"backend {backend!r} has no diagnostics pass; use torch "
                                   "or 'reference'")
             passes = [mod.measure(cfg, w, batch, t) for t in timesteps]
+        for t, p in zip(timesteps, passes):
+            if not np.isfinite(p["loss"]) or not np.isfinite(p["state_rms"]).all():
+                raise InputError(f"checkpoint {str(path)!r} ({weights} weights) gives a "
+                                 f"non-finite loss or state at t={t}: nothing to diagnose")
         result["models"].append({
             "checkpoint": str(path),
             "label": _label(path, cfg, ck.meta),
@@ -176,6 +182,12 @@ def save_json(result: dict[str, Any], path: str | Path) -> None:
     atomic_write_bytes(path, json.dumps(result, indent=1).encode())
 
 
+def _ratio(a: float, b: float) -> str:
+    """``a / b`` for the headline; an untrained model's zero-initialised last layer passes no
+    gradient back, so ``b`` can be 0."""
+    return f"{a / b:.3g}" if b else ("n/a (0/0)" if not a else "inf (denominator 0)")
+
+
 def headline(result: dict[str, Any]) -> list[str]:
     """One line per model and timestep: growth factor, gradient decay, mean adjacent cosine."""
     lines = []
@@ -183,10 +195,10 @@ def headline(result: dict[str, Any]) -> list[str]:
         for t, p in zip(result["timesteps"], m["per_t"]):
             s = p["state_rms"]
             line = f"{m['label']}  t={t:.2f}  loss={p['loss']:.4f}  " \
-                   f"state RMS z_D/z_1={s[-1] / s[0]:.3g}"
+                   f"state RMS z_D/z_1={_ratio(s[-1], s[0])}"
             if p["grad_rms"]:
                 g = p["grad_rms"]
-                line += f"  grad RMS z_1/z_D={g[0] / g[-1]:.3g}"
+                line += f"  grad RMS z_1/z_D={_ratio(g[0], g[-1])}"
             if p["cosine"]:
                 line += f"  mean cos(z_k,z_k+1)={np.mean(p['cosine']):.3f}"
             lines.append(line)
