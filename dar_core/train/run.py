@@ -23,6 +23,7 @@ identical batches.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import json
 import math
@@ -31,6 +32,7 @@ import re
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -327,12 +329,7 @@ class Run:
 
     def _readable(self, path: Path) -> Checkpoint:
         """The checkpoint at ``path`` if it reads, is complete and finite."""
-        try:
-            ckpt = load_checkpoint(path)
-        except CheckpointError:
-            raise
-        except Exception as e:  # a truncated or garbled file, whatever the reader raises
-            raise CheckpointError(f"{str(path)!r} cannot be read: {e}") from e
+        ckpt = load_checkpoint(path)  # a truncated or garbled file is a CheckpointError
         if "step" not in ckpt.meta:
             raise CheckpointError(f"checkpoint {str(path)!r} has no 'step' in its metadata")
         bad = non_finite({"params": ckpt.params, "ema": ckpt.ema or {}, "opt": ckpt.opt or {}})
@@ -357,14 +354,12 @@ class Run:
             return None
         bad = non_finite({"params": params, "ema": ema or {}, "opt": opt or {}})
         if bad:
-            if self._bar is not None:
-                self._bar.close()
-            kept = self.checkpoints()
+            last = self._halt()
             raise NonFiniteLossError(
                 f"the state after step {step} holds non-finite tensors ({bad[:3]}"
                 f"{' ...' if len(bad) > 3 else ''}); not saved. "
-                + (f"The last good checkpoint is {str(kept[-1])!r}: resume from it with a "
-                   "lower lr" if kept else "No checkpoint was saved before it"))
+                + (f"The last good checkpoint is {str(last)!r}: resume from it with a "
+                   "lower lr" if last else "No checkpoint was saved before it"))
         path = self.ckpt_dir / f"ckpt-{step:07d}.safetensors"
         meta = {"step": step, "train": self.tc.to_dict(), "backend": self.backend,
                 "world": self.world}
@@ -395,37 +390,36 @@ class Run:
             for step in rng:
                 yield step
                 if self._stop_step == step:
-                    if self._bar is not None:
-                        self._bar.close()
-                    kept = self.checkpoints()
+                    last = self._halt()
                     raise TrainingInterrupted(
                         f"stopped by {self._signal} after step {self.done(step)}: checkpoint "
-                        f"{str(kept[-1]) if kept else '(none)'!r} written; continue with "
+                        f"{str(last) if last else '(none)'!r} written; continue with "
                         f"--resume auto --out {self.tc.out}")
 
-    def _stop_signals(self):
-        import contextlib
-        import threading
+    def _halt(self) -> Path | None:
+        """Close the progress bar of a run that stops early; its newest checkpoint, if any."""
+        if self._bar is not None:
+            self._bar.close()
+        kept = self.checkpoints()
+        return kept[-1] if kept else None
 
-        @contextlib.contextmanager
-        def installed():
-            if self.world != 1 or threading.current_thread() is not threading.main_thread():
-                yield
-                return
-            previous = {}
+    @contextlib.contextmanager
+    def _stop_signals(self) -> Iterator[None]:
+        """SIGTERM and SIGINT only note their name while training (single process, main
+        thread); the previous handlers come back afterwards."""
+        if self.world != 1 or threading.current_thread() is not threading.main_thread():
+            yield
+            return
 
-            def handler(signum, frame):
-                self._signal = signal.Signals(signum).name
+        def handler(signum: int, frame: Any) -> None:
+            self._signal = signal.Signals(signum).name
 
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                previous[sig] = signal.signal(sig, handler)
-            try:
-                yield
-            finally:
-                for sig, h in previous.items():
-                    signal.signal(sig, h)
-
-        return installed()
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, h in previous.items():
+                signal.signal(sig, h)
 
     def _stopping(self, step: int) -> bool:
         """Whether ``step`` ends the run on a stop signal (decided once, at the first question
@@ -549,6 +543,7 @@ class RunLock:
 
     def __init__(self, folder: Path):
         self.path = folder / ".lock"
+        self.held = False
         me = f"{socket.gethostname()} {os.getpid()}"
         for _ in range(2):
             try:
@@ -583,7 +578,7 @@ class RunLock:
         return int(pid) != os.getpid()  # our own: an earlier run of this process, done
 
     def release(self) -> None:
-        if getattr(self, "held", False):
+        if self.held:
             self.held = False
             self.path.unlink(missing_ok=True)
 
