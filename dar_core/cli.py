@@ -18,7 +18,9 @@ import numpy as np
 from dar_core.backend import BACKENDS, load_backend
 from dar_core.diagnostics.symptoms import DEFAULT_TIMESTEPS
 from dar_core.errors import DARError
-from dar_core.io.checkpoint import writable_parent
+from dar_core.io.checkpoint import writable_folder, writable_parent
+from dar_core.pretrained.cli import COMMANDS as PRETRAINED_COMMANDS
+from dar_core.pretrained.cli import add_parsers as add_pretrained_parsers
 from dar_core.sampling.samplers import SAMPLERS
 from dar_core.train.run import TrainConfig
 
@@ -89,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--weights", choices=("ema", "params"), default="ema")
     ev.add_argument("--out", default=None, help="write all results as JSON here")
+    ev.add_argument("--force", action="store_true",
+                    help="score a checkpoint trained on other data than the procedural set")
 
     cf = sub.add_parser("conformance", help="check that the installed backends agree with the "
                                             "float64 reference and each other, on this machine")
@@ -101,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Hypothesis examples per property: ci 12, thorough 200")
     cf.add_argument("--report", default=None, help="write the JSON report here")
     cf.add_argument("--select", default=None, help="only tests matching this pytest -k expression")
+    add_pretrained_parsers(sub)  # import, graft, export
     return ap
 
 
@@ -121,11 +126,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from dar_core.evaluation.protocol import evaluate_checkpoint
     from dar_core.io.checkpoint import atomic_write_bytes
 
+    if args.out:
+        writable_parent(args.out)  # before the sampling, not after it
     results = []
     for ck in args.checkpoint:
         r = evaluate_checkpoint(ck, backend=args.backend, n_per_class=args.n_per_class,
                                 sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg,
-                                seed=args.seed, weights=args.weights)
+                                seed=args.seed, weights=args.weights, force=args.force,
+                                progress=True)
         results.append(r)
         print(f"{ck}: FD {r['fd']:.3f} (real floor {r['fd_real_floor']:.3f})  "
               f"KID {r['kid']:.4f}  class acc {r['class_accuracy']:.3f}  "
@@ -138,8 +146,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_diagnose(args: argparse.Namespace) -> None:
     from dar_core.diagnostics.symptoms import diagnose, headline, write_report
 
+    writable_folder(args.out, "--out")  # before the passes, not after them
     result = diagnose(args.checkpoint, tuple(args.timesteps), n=args.n, backend=args.backend,
-                      weights=args.weights)
+                      weights=args.weights, progress=True)
     for line in headline(result):
         print(line)
     for p in write_report(result, args.out):
@@ -164,7 +173,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         args.checkpoint, backend=args.backend, sampler=args.sampler, steps=args.steps,
         cfg_scale=args.cfg, guidance_interval=tuple(args.guidance_interval),
         labels=_parse_labels(args.labels), per_class=args.per_class, weights=args.weights,
-        seed=args.seed, precision=args.precision, device=args.device, png=out)
+        seed=args.seed, precision=args.precision, device=args.device, png=out, progress=True)
     if args.save_npz:
         np.savez(args.save_npz, x=images, y=labels)
     print(f"wrote {out}")
@@ -174,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         commands = {"train": cmd_train, "sample": cmd_sample, "diagnose": cmd_diagnose,
-                    "eval": cmd_eval, "conformance": cmd_conformance}
+                    "eval": cmd_eval, "conformance": cmd_conformance, **PRETRAINED_COMMANDS}
         return commands[args.command](args) or 0
     except (DARError, OSError) as e:
         if args.debug:

@@ -25,8 +25,22 @@ def resolve_device(device: str = "auto", *, local_rank: int = 0) -> torch.device
     available = {"cpu": True, "cuda": torch.cuda.is_available(),
                  "mps": torch.backends.mps.is_available()}.get(dev.type, False)
     if not available or (dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count()):
-        raise ConfigError(f"device {device!r} is not available to torch on this machine")
+        raise ConfigError(f"device {device!r} is not available to torch on this machine "
+                          f"({_why_not(dev)}); available: {', '.join(_available())}")
     return dev
+
+
+def _available() -> list[str]:
+    names = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return names + (["mps"] if torch.backends.mps.is_available() else [])
+
+
+def _why_not(dev: torch.device) -> str:
+    if dev.type == "cuda" and torch.version.cuda is None:
+        return f"torch {torch.__version__} is a build without CUDA; install a CUDA wheel"
+    if dev.type == "cuda":
+        return f"torch sees {torch.cuda.device_count()} CUDA device(s)"
+    return f"no {dev.type} device"
 
 
 def compute_dtype(precision: str) -> torch.dtype:

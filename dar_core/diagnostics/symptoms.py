@@ -20,6 +20,7 @@ The loss is the training loss at fixed ``(x, noise, y)``. A backend supplies one
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -117,8 +118,11 @@ def diagnose(
     backend: str = "auto",
     weights: str = "ema",
     seed: int = 0,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Every number, for every checkpoint and timestep, as one JSON-ready dict."""
+    """Every number, for every checkpoint and timestep, as one JSON-ready dict (``progress``:
+    a bar over the passes on stderr). Labels name each model; checkpoints with the same file
+    name are told apart by their folders."""
     from dar_core.backend import installed_backends, load_backend
     from dar_core.errors import ConfigError, InputError
     from dar_core.io.checkpoint import load_checkpoint
@@ -134,33 +138,63 @@ def diagnose(
         backend = usable[0] if usable else "reference"
     result: dict[str, Any] = {"timesteps": list(timesteps), "backend": backend, "n": n,
                               "models": []}
-    for path in checkpoints:
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(checkpoints) * len(timesteps), unit="pass", desc="diagnose",
+                   dynamic_ncols=True, file=sys.stderr)
+    names = _distinct_names([str(c) for c in checkpoints])
+    for path, name in zip(checkpoints, names):
         ck = load_checkpoint(path)
         cfg = ck.config
         train = ck.meta.get("train", {})
         batch = eval_batch(cfg, n, seed, train.get("data", "procedural"), train.get("seed", 0))
         w = ck.weights(weights)
         if backend == "reference":
-            passes = [reference_measure(cfg, w, batch, t) for t in timesteps]
+            measure = reference_measure
         else:
             mod = load_backend(backend)
             if not hasattr(mod, "measure"):
                 raise ConfigError(f"backend {backend!r} has no diagnostics pass; use torch "
                                   "or 'reference'")
-            passes = [mod.measure(cfg, w, batch, t) for t in timesteps]
+            measure = mod.measure
+        passes = []
+        for t in timesteps:
+            passes.append(measure(cfg, w, batch, t))
+            if bar is not None:
+                bar.update(1)
         for t, p in zip(timesteps, passes):
             if not np.isfinite(p["loss"]) or not np.isfinite(p["state_rms"]).all():
                 raise InputError(f"checkpoint {str(path)!r} ({weights} weights) gives a "
                                  f"non-finite loss or state at t={t}: nothing to diagnose")
         result["models"].append({
             "checkpoint": str(path),
-            "label": _label(path, cfg, ck.meta),
+            "label": _label(name, cfg, ck.meta),
             "config": cfg.to_dict(),
             "step": ck.meta.get("step"),
             "sources": [list(s) for s in _sources(cfg)],
             "per_t": passes,
         })
+    if bar is not None:
+        bar.close()
     return result
+
+
+def _distinct_names(paths: list[str]) -> list[str]:
+    """The shortest trailing part of each path (file stem, then with its folders) that tells
+    it apart from the others; the same path given twice gets ``#2``, ``#3``..."""
+    parts = [Path(p).with_suffix("").parts for p in paths]
+    names = []
+    for i, own in enumerate(parts):
+        for k in range(1, len(own) + 1):
+            tail = own[-k:]
+            if all(o[-k:] != tail for j, o in enumerate(parts) if j != i and o != own):
+                break
+        name = "/".join(tail)
+        repeat = sum(1 for o in parts[:i] if o == own)
+        names.append(name + (f" #{repeat + 1}" if repeat else ""))
+    return names
 
 
 def _sources(cfg: ModelConfig) -> list[tuple[int, ...]]:
@@ -169,11 +203,11 @@ def _sources(cfg: ModelConfig) -> list[tuple[int, ...]]:
     return source_sets(cfg.num_sublayers, cfg.routing)
 
 
-def _label(path: str, cfg: ModelConfig, meta: dict) -> str:
+def _label(name: str, cfg: ModelConfig, meta: dict) -> str:
     r = cfg.routing
     kind = "residual" if not r.is_dar else f"DAR {r.query} c{r.chunk_size}"
     step = meta.get("step")
-    return f"{kind}" + (f" @{step}" if step is not None else "") + f" ({Path(path).stem})"
+    return f"{kind}" + (f" @{step}" if step is not None else "") + f" ({name})"
 
 
 def save_json(result: dict[str, Any], path: str | Path) -> None:

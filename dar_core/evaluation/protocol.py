@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from os import PathLike
 from typing import Any
@@ -91,9 +92,23 @@ def sample_protocol(
     weights: str = "ema",
     precision: str = "fp32",
     device: str = "auto",
+    force: bool = False,
+    progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Samples ``[N, 3, S, S]``, their labels and the protocol fields for ``checkpoint``."""
+    """Samples ``[N, 3, S, S]``, their labels and the protocol fields for ``checkpoint``.
+
+    The evaluator knows the procedural data only: a checkpoint trained on other data is
+    refused, or with ``force`` scored with a warning (its numbers then measure how far the
+    samples are from the procedural images, not from the model's own data)."""
     cfg, meta = _checkpoint_config(checkpoint)
+    data = meta.get("train", {}).get("data", "procedural")
+    if data != "procedural":
+        msg = (f"checkpoint {str(checkpoint)!r} was trained on data {data!r}, but the evaluator "
+               "scores against the procedural dataset")
+        if not force:
+            raise ConfigError(msg + "; pass --force to score it anyway")
+        print(f"warning: {msg}; its scores are not a measure of fit to {data!r}",
+              file=sys.stderr)
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     labels, noise = protocol_inputs(seed=seed, num_classes=cfg.num_classes,
                                     n_per_class=n_per_class, image_shape=shape)
@@ -104,7 +119,8 @@ def sample_protocol(
     images, y = sample_checkpoint(str(checkpoint), backend=backend, sampler=sampler,
                                   steps=steps, cfg_scale=cfg_scale, labels=labels.tolist(),
                                   weights=weights, seed=seed, precision=precision,
-                                  device=device, noise=noise, batch_size=256)
+                                  device=device, noise=noise, batch_size=256,
+                                  progress=progress)
     if not np.array_equal(np.asarray(y), labels):
         raise AssertionError("sample_checkpoint returned labels other than the protocol's")
     protocol = {
@@ -140,6 +156,8 @@ def evaluate_checkpoint(
     n_reference: int = 2000,
     kid_subsets: int = 100,
     kid_subset_size: int = 1000,
+    force: bool = False,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Sample ``checkpoint`` under the fixed protocol and score the samples.
 
@@ -150,7 +168,8 @@ def evaluate_checkpoint(
     """
     images, labels, protocol = sample_protocol(
         checkpoint, backend=backend, n_per_class=n_per_class, sampler=sampler, steps=steps,
-        cfg_scale=cfg_scale, seed=seed, weights=weights, precision=precision, device=device)
+        cfg_scale=cfg_scale, seed=seed, weights=weights, precision=precision, device=device,
+        force=force, progress=progress)
     cfg, _ = _checkpoint_config(checkpoint)
     t0 = time.perf_counter()
     report = quality_report(images, labels, image_size=cfg.input_size,

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+import sys
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from dar_core.backend import load_backend
 from dar_core.errors import ConfigError, InputError
 from dar_core.io.checkpoint import load_checkpoint, writable_parent
-from dar_core.sampling.samplers import sample
+from dar_core.sampling.samplers import function_evaluations, sample
 
 
 def sample_checkpoint(
@@ -29,11 +32,13 @@ def sample_checkpoint(
     png: str | None = None,
     noise: np.ndarray | None = None,
     batch_size: int | None = None,
+    progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Images ``[N, C, H, W]`` (NumPy) and their labels. Labels default to every class
     ``per_class`` times. The initial noise is ``noise`` when given, else drawn from
     ``default_rng(seed)``; the SDE's noise continues that generator. ``batch_size`` splits the
-    work into chunks of that many samples (each chunk continues the same generator)."""
+    work into chunks of that many samples (each chunk continues the same generator).
+    ``progress`` shows a bar over the network evaluations on stderr."""
     if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
         raise ConfigError(f"per_class must be a positive integer, got {per_class!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -71,12 +76,24 @@ def sample_checkpoint(
                                               device=device)
     chunks = []
     step = batch_size or len(y)
-    for i in range(0, len(y), step):
-        out = sample(vm.velocity, vm.asarray(noise[i:i + step]),
-                     vm.asarray(y[i:i + step].astype(np.int64)), sampler=sampler, steps=steps,
-                     cfg_scale=cfg_scale, null_class=cfg.null_class,
-                     guidance_interval=guidance_interval, rng=rng, asarray=vm.asarray)
-        chunks.append(vm.to_numpy(out).astype(np.float32))
+    n_chunks = -(-len(y) // step)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_chunks * function_evaluations(sampler, steps), unit="eval",
+                   desc=f"sample {len(y)}", dynamic_ncols=True, file=sys.stderr)
+    velocity = vm.velocity if bar is None else _counted(vm.velocity, bar)
+    try:
+        for i in range(0, len(y), step):
+            out = sample(velocity, vm.asarray(noise[i:i + step]),
+                         vm.asarray(y[i:i + step].astype(np.int64)), sampler=sampler,
+                         steps=steps, cfg_scale=cfg_scale, null_class=cfg.null_class,
+                         guidance_interval=guidance_interval, rng=rng, asarray=vm.asarray)
+            chunks.append(vm.to_numpy(out).astype(np.float32))
+    finally:
+        if bar is not None:
+            bar.close()
     images = np.concatenate(chunks)
     bad = int(images.size - np.count_nonzero(np.isfinite(images)))
     if bad:
@@ -87,3 +104,13 @@ def sample_checkpoint(
 
         save_image_grid(images, png, nrow=nrow)
     return images, y
+
+
+def _counted(velocity: Callable[[Any, float, Any], Any], bar: Any) -> Callable:
+    """``velocity`` that advances the progress ``bar`` by one per call."""
+    def counted(x: Any, t: float, y: Any) -> Any:
+        out = velocity(x, t, y)
+        bar.update(1)
+        return out
+
+    return counted

@@ -32,6 +32,14 @@ def time_grid(steps: int) -> list[float]:
     return [i / steps for i in range(steps + 1)]
 
 
+def function_evaluations(sampler: str, steps: int) -> int:
+    """Velocity calls one ``sample`` makes (a guided call counts once): Heun two per step,
+    Euler and the SDE one."""
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"sampler must be one of {list(SAMPLERS)}, got {sampler!r}")
+    return len(time_grid(steps)[1:]) * (2 if sampler == "heun" else 1)
+
+
 def euler(velocity: Velocity, x: Any, y: Any, steps: int) -> Any:
     ts = time_grid(steps)
     for t0, t1 in zip(ts[:-1], ts[1:]):

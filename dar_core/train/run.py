@@ -85,7 +85,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
-    ema_warmup: bool = False  # cap the decay at (1 + step) / (10 + step)
+    ema_warmup: bool = True  # cap the decay at (1 + step) / (10 + step); off: SiT's fixed decay
     class_dropout: float = 0.1
     time_sampling: str = "uniform"
     seed: int = 0
@@ -151,7 +151,8 @@ class TrainConfig:
         ``ema_warmup`` caps it at ``(1 + step) / (10 + step)``, so the average forgets the
         initial weights within a tenth of the run so far: a short run's EMA is then usable
         at any step, where a fixed 0.9999 would still hold 82% of the initial weights after
-        2000 steps. Without warm-up (SiT's setting) it is ``ema_decay`` at every step.
+        2000 steps. It is on by default; without it (``--no-ema-warmup``, SiT's setting) the
+        decay is ``ema_decay`` at every step.
         """
         if not self.ema_warmup:
             return float(self.ema_decay)
@@ -302,6 +303,10 @@ class Run:
             self.start_step = int(ckpt.meta["step"])
             if self.is_main:
                 self._truncate_metrics(self.start_step)
+                if self.start_step >= self.tc.steps:
+                    print(f"note: the resumed checkpoint is at step {self.start_step} and "
+                          f"steps={self.tc.steps}: nothing is left to train (pass --steps "
+                          f"above {self.start_step} to continue the run)", file=sys.stderr)
         if self.is_main:
             self._write_config()
         return ckpt
