@@ -19,8 +19,6 @@ from dar_core.backend import BACKENDS, load_backend
 from dar_core.diagnostics.symptoms import DEFAULT_TIMESTEPS
 from dar_core.errors import DARError
 from dar_core.io.checkpoint import writable_folder, writable_parent
-from dar_core.pretrained.cli import COMMANDS as PRETRAINED_COMMANDS
-from dar_core.pretrained.cli import add_parsers as add_pretrained_parsers
 from dar_core.sampling.samplers import SAMPLERS
 from dar_core.train.run import TrainConfig
 
@@ -46,7 +44,9 @@ def _parse_labels(s: str | None) -> list[int] | None:
         raise DARError(f"--labels must be comma-separated integers, got {s!r}") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
+    """The ``dar`` parser; ``train_defaults`` (from ``--config``) replace the train flags'
+    defaults, so flags given on the command line still win."""
     ap = argparse.ArgumentParser(prog="dar", description="Diffusion-Adaptive Routing")
     ap.add_argument("--debug", action="store_true",
                     help="show the traceback of an error instead of its one-line message")
@@ -54,7 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="train a DiT/SiT with DAR or residual routing")
     tr.add_argument("--backend", choices=BACKENDS, default="torch")
+    tr.add_argument("--config", default=None,
+                    help="a TOML file of these flags' fields (flags given here override it)")
     _add_config_flags(tr, TrainConfig)
+    if train_defaults:
+        tr.set_defaults(**train_defaults)
 
     sp = sub.add_parser("sample", help="sample a PNG grid from a checkpoint")
     sp.add_argument("--checkpoint", required=True)
@@ -72,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default="auto")
     sp.add_argument("--out", default=None, help="PNG path (default: next to the checkpoint)")
     sp.add_argument("--save-npz", default=None, help="also save the raw samples (npz)")
+    sp.add_argument("--vae", default=None, help="the VAE of a latent dataset, where its "
+                    "manifest's path is not on this machine")
+    sp.add_argument("--decode", action=argparse.BooleanOptionalAction, default=True,
+                    help="decode the samples of a latent model with its data's VAE")
     dg = sub.add_parser("diagnose", help="state/gradient magnitudes, redundancy, routing maps")
     dg.add_argument("--checkpoint", action="append", required=True,
                     help="repeat to compare checkpoints (e.g. residual vs DAR)")
@@ -105,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Hypothesis examples per property: ci 12, thorough 200")
     cf.add_argument("--report", default=None, help="write the JSON report here")
     cf.add_argument("--select", default=None, help="only tests matching this pytest -k expression")
-    add_pretrained_parsers(sub)  # import, graft, export
+    from dar_core.io.data.prepare import add_parser as add_prepare_parser
+
+    add_prepare_parser(sub)  # prepare
     return ap
 
 
@@ -173,7 +183,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
         args.checkpoint, backend=args.backend, sampler=args.sampler, steps=args.steps,
         cfg_scale=args.cfg, guidance_interval=tuple(args.guidance_interval),
         labels=_parse_labels(args.labels), per_class=args.per_class, weights=args.weights,
-        seed=args.seed, precision=args.precision, device=args.device, png=out, progress=True)
+        seed=args.seed, precision=args.precision, device=args.device, png=out, progress=True,
+        decode=args.decode, vae=args.vae)
     if args.save_npz:
         np.savez(args.save_npz, x=images, y=labels)
     print(f"wrote {out}")
@@ -182,8 +193,19 @@ def cmd_sample(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "train" and args.config:
+            from dar_core.train.config_file import load_train_toml
+
+            values = load_train_toml(args.config, TrainConfig, {"backend": (str,)})
+            if values.get("backend", "torch") not in BACKENDS:
+                raise DARError(f"{args.config}: backend must be one of {list(BACKENDS)}, "
+                               f"got {values['backend']!r}")
+            args = build_parser(values).parse_args(argv)
         commands = {"train": cmd_train, "sample": cmd_sample, "diagnose": cmd_diagnose,
-                    "eval": cmd_eval, "conformance": cmd_conformance, **PRETRAINED_COMMANDS}
+                    "eval": cmd_eval, "conformance": cmd_conformance}
+        from dar_core.io.data.prepare import cmd_prepare
+
+        commands["prepare"] = cmd_prepare
         return commands[args.command](args) or 0
     except (DARError, OSError) as e:
         if args.debug:

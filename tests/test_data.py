@@ -251,7 +251,14 @@ def test_folder_npz_and_safetensors(tmp_path):
     _npz(tmp_path / "a.npz", x1, y1)
     _st(tmp_path / "b.safetensors", x=x2, y=y2)
     (tmp_path / "notes.txt").write_text("ignored")
-    ds = FolderDataset(tmp_path, seed=3)
+    expected = np.concatenate([x1.astype(np.float32) / 127.5 - 1, x2])
+    everything = FolderDataset(tmp_path, seed=3)  # no hold-out unless asked
+    assert everything.num_heldout == 0 and everything.num_train == 50
+    assert everything.heldout(100)[0].shape == (0, 3, 8, 8)
+    xa = everything.train_batch(0, 50)[0]
+    order = [int(np.flatnonzero((expected == img).all(axis=(1, 2, 3)))[0]) for img in xa]
+    assert sorted(order) == list(range(50))  # one epoch visits every example once
+    ds = FolderDataset(tmp_path, seed=3, holdout=5)
     assert (ds.image_size, ds.channels, ds.num_classes, ds.seed, len(ds)) == (8, 3, 5, 3, 50)
     assert [p.name for p in ds.files] == ["a.npz", "b.safetensors"]
     assert ds.num_heldout == 5 and ds.num_train == 45
@@ -259,7 +266,6 @@ def test_folder_npz_and_safetensors(tmp_path):
     assert xh.shape == (5, 3, 8, 8) and xh.dtype == np.float32 and yh.dtype == np.int64
     # every example comes back exactly once per epoch; uint8 -> [-1, 1], float unchanged
     xt, yt = ds.train_batch(0, 45)
-    expected = np.concatenate([x1.astype(np.float32) / 127.5 - 1, x2])
     labels = np.concatenate([y1, y2])
     both = np.concatenate([xt, xh])
     order = [int(np.flatnonzero((expected == img).all(axis=(1, 2, 3)))[0]) for img in both]
@@ -271,7 +277,7 @@ def test_folder_npz_and_safetensors(tmp_path):
 def test_folder_latents_pass_through(tmp_path):
     x = np.random.default_rng(0).normal(0, 3, size=(12, 4, 4, 4)).astype(np.float32)
     _st(tmp_path / "lat.safetensors", x=x, y=np.zeros(12, np.int64))
-    ds = FolderDataset(tmp_path, num_classes=7)
+    ds = FolderDataset(tmp_path, num_classes=7, holdout=2)
     assert (ds.channels, ds.image_size, ds.num_classes) == (4, 4, 7)
     xt, _ = ds.train_batch(0, ds.num_train)
     xh, _ = ds.heldout(ds.num_heldout)
@@ -289,7 +295,7 @@ def test_folder_stream_deterministic_and_wraps(tmp_path):
     n = 23
     x = np.arange(n, dtype=np.float32)[:, None, None, None] * np.ones((1, 1, 2, 2), np.float32)
     _npz(tmp_path / "s.npz", x, np.arange(n) % 4)
-    ds = FolderDataset(tmp_path, seed=1)
+    ds = FolderDataset(tmp_path, seed=1, holdout=2)
     nt = ds.num_train
     held = set(ds.heldout(10)[0][:, 0, 0, 0].astype(int).tolist())
     assert len(held) == ds.num_heldout == 2 and nt == 21
@@ -304,10 +310,10 @@ def test_folder_stream_deterministic_and_wraps(tmp_path):
     again = np.concatenate([ds.train_batch(k, 21)[0][:, 0, 0, 0] for k in range(3)])
     np.testing.assert_array_equal(again.astype(int), ids[:63])
     # a batch larger than an epoch spans several epochs
-    big = FolderDataset(tmp_path, seed=1).train_batch(0, 64)[0][:, 0, 0, 0].astype(int)
+    big = FolderDataset(tmp_path, seed=1, holdout=2).train_batch(0, 64)[0][:, 0, 0, 0].astype(int)
     np.testing.assert_array_equal(big[:63], ids[:63])
     # fresh instance, later step first: identical
-    x5, y5 = FolderDataset(tmp_path, seed=1).train_batch(5, 8)
+    x5, y5 = FolderDataset(tmp_path, seed=1, holdout=2).train_batch(5, 8)
     np.testing.assert_array_equal(x5, ds.train_batch(5, 8)[0])
     np.testing.assert_array_equal(y5, ds.train_batch(5, 8)[1])
 
@@ -319,7 +325,7 @@ def test_folder_batch_matches_stream_positions(tmp_path_factory, step, batch):
     n = 17
     x = np.arange(n, dtype=np.float32)[:, None, None, None] * np.ones((1, 1, 1, 1), np.float32)
     _npz(root / "s.npz", x, np.zeros(n, np.int64))
-    ds = FolderDataset(root, seed=2)
+    ds = FolderDataset(root, seed=2, holdout=3)
     got = ds.train_batch(step, batch)[0][:, 0, 0, 0].astype(int)
     one = [int(ds.train_batch(step * batch + j, 1)[0][0, 0, 0, 0]) for j in range(batch)]
     assert got.tolist() == one
@@ -358,8 +364,11 @@ def test_folder_errors(tmp_path):
         lambda d: _npz(d / "s.npz", _pixels(4).astype(np.int32), np.zeros(4, int)))
     bad("nan", r"non-finite",
         lambda d: _npz(d / "s.npz", np.full((4, 1, 2, 2), np.nan, np.float32), np.zeros(4, int)))
-    bad("tiny", r"1 example",
-        lambda d: _npz(d / "s.npz", _pixels(1), np.zeros(1, int)))
+    _npz(tmp_path / "one.npz", _pixels(1), np.zeros(1, int))
+    assert FolderDataset(tmp_path / "one.npz").num_train == 1
+    for holdout in (1, -1, 0.5):
+        with pytest.raises(InputError, match=rf"holdout must be an int in \[0, 1\) .*{holdout}"):
+            FolderDataset(tmp_path / "one.npz", holdout=holdout)
     bad("corrupt", r"s\.npz.*could not read", lambda d: (d / "s.npz").write_bytes(b"junk"))
 
     def inconsistent(d):
@@ -373,6 +382,34 @@ def test_folder_errors(tmp_path):
         FolderDataset(tmp_path / "labels.npz", num_classes=5)
     with pytest.raises(InputError, match="-1"):
         FolderDataset(tmp_path / "labels.npz", seed=-1)
+
+
+def test_rank_slices_concatenate_to_the_global_batch(tmp_path):
+    _npz(tmp_path / "s.npz", _pixels(30), np.arange(30) % 3)
+    datasets = [ProceduralDataset(16, 10, seed=1), FolderDataset(tmp_path, seed=1),
+                FolderDataset(tmp_path, seed=1, flip=True)]
+    for ds in datasets:
+        gx, gy = ds.train_batch(4, 12)
+        for world in (2, 4):
+            parts = [ds.train_batch(4, 12, rank=r, world=world) for r in range(world)]
+            np.testing.assert_array_equal(np.concatenate([p[0] for p in parts]), gx)
+            np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), gy)
+        with pytest.raises(InputError, match="batch_size=12 is not divisible by the world size 5"):
+            ds.train_batch(0, 12, rank=0, world=5)
+        with pytest.raises(InputError, match="rank=3 world=2"):
+            ds.train_batch(0, 12, rank=3, world=2)
+
+
+def test_folder_flip_mirrors_some_positions(tmp_path):
+    x = _pixels(40)
+    _npz(tmp_path / "s.npz", x, np.zeros(40, int))
+    plain, flipped = FolderDataset(tmp_path, seed=2), FolderDataset(tmp_path, seed=2, flip=True)
+    xp, xf = plain.train_batch(1, 40)[0], flipped.train_batch(1, 40)[0]
+    mirrored = (xf == xp[..., ::-1]).all(axis=(1, 2, 3)) & ~(xf == xp).all(axis=(1, 2, 3))
+    same = (xf == xp).all(axis=(1, 2, 3))
+    assert (mirrored | same).all() and 8 < mirrored.sum() < 32
+    again = FolderDataset(tmp_path, seed=2, flip=True).train_batch(1, 40)[0]
+    np.testing.assert_array_equal(xf, again)
 
 
 def test_make_dataset(tmp_path):

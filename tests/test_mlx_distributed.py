@@ -68,8 +68,8 @@ def test_two_process_ring_launch_matches_one_process(tmp_path):
         # AdamW moves every weight by ~lr per step whatever the gradient's size, so compare the
         # change since init (the float32 all-reduce sums in another order than one process).
         assert_close(dp.params[k] - init[k], v - init[k], 2e-3, f"params/{k}")
-        np.testing.assert_allclose(dp.ema[k], single.ema[k], rtol=1e-6, atol=1e-9,
-                                   err_msg=f"ema/{k}")
+        # the EMA (warm-up on: mostly the recent weights) follows the params' own bound
+        assert_close(dp.ema[k] - init[k], single.ema[k] - init[k], 2e-3, f"ema/{k}")
     rec = {d: [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
            for d in ("dp", "single")}
     for key in ("loss", "grad_norm"):  # global-batch mean loss and the averaged gradient's norm

@@ -5,7 +5,6 @@ nothing already on disk changed."""
 from __future__ import annotations
 
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -53,13 +52,19 @@ def test_a_second_real_trainer_refuses_while_the_first_runs(tmp_path):
     assert steps and not list(out.rglob("*.tmp"))
 
 
-def _limit_file_size(max_bytes: int):
-    """A child whose writes past ``max_bytes`` fail with EFBIG, as on a full disk (the signal
-    a process gets for it is ignored so that the write returns the error)."""
-    def limit() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
-    return limit
+# Runs a command whose writes past argv[1] bytes fail with EFBIG, as on a full disk (the
+# signal a process gets for it is ignored so that the write returns the error).
+LIMITED = """
+import os, resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+n = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (n, n))
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def _limit_file_size(max_bytes: int, cmd: list[str]) -> list[str]:
+    return [sys.executable, "-c", LIMITED, str(max_bytes), *cmd]
 
 
 def test_a_checkpoint_write_that_fails_for_space_loses_nothing(tmp_path):
@@ -69,10 +74,9 @@ def test_a_checkpoint_write_that_fails_for_space_loses_nothing(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     before = _snapshot(out)
     size = max(len(v) for k, v in before.items() if k.startswith("checkpoints/"))
-    res = subprocess.run(TRAIN + ["--steps", "4", "--ckpt-every", "1", "--resume", "auto",
-                                  "--out", str(out)],
-                         capture_output=True, text=True, timeout=300, env=ENV,
-                         preexec_fn=_limit_file_size(size // 2))
+    res = subprocess.run(_limit_file_size(size // 2, TRAIN + [
+        "--steps", "4", "--ckpt-every", "1", "--resume", "auto", "--out", str(out)]),
+        capture_output=True, text=True, timeout=300, env=ENV)
     assert res.returncode == 2, res.stderr[-2000:]
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("dar train: error: File too large"), lines

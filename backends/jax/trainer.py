@@ -28,6 +28,7 @@ from dar_core.spec.config import ModelConfig
 from dar_core.spec.interpolant import interpolate, velocity_target
 from dar_core.spec.schema import NON_TRAINABLE, init_params, trainable_names
 from dar_core.train.run import Run, TrainConfig
+from dar_core.train.schedule import warmup_length
 
 from .device import compute_dtype, resolve_device
 from .model import DARTransformer, cast, forward
@@ -93,15 +94,39 @@ class StepSettings(NamedTuple):
     ema_decay: float
     precision: str
     grad_checkpoint: bool
+    lr_schedule: str
+    warmup_steps: int
+    min_lr: float
+    schedule_steps: int  # the run length, where the schedule depends on it (cosine), else 0
+    grad_accum: int
 
     @classmethod
     def of(cls, tc: TrainConfig) -> StepSettings:
-        return cls(*(getattr(tc, f) for f in cls._fields))
+        length = tc.steps if tc.lr_schedule == "cosine" else 0
+        return cls(*(length if f == "schedule_steps" else getattr(tc, f) for f in cls._fields))
+
+
+def make_schedule(tc: TrainConfig | StepSettings) -> optax.Schedule:
+    """The run's schedule (``dar_core.train.schedule``) from optax's own: a linear warm-up
+    joined to a constant or a cosine decay. optax evaluates it at the update count, which a
+    resumed run restores with the optimizer state."""
+    W = warmup_length(tc.warmup_steps)
+    if tc.lr_schedule == "cosine":
+        steps = tc.schedule_steps if isinstance(tc, StepSettings) else tc.steps
+        after = optax.cosine_decay_schedule(tc.lr, decay_steps=steps - W,
+                                            alpha=tc.min_lr / tc.lr if tc.lr else 0.0)
+    else:
+        after = optax.constant_schedule(tc.lr)
+    if not W:
+        return after
+    warmup = optax.linear_schedule(tc.lr / W, tc.lr, transition_steps=W - 1)
+    return optax.join_schedules([warmup, after], boundaries=[W])
 
 
 def make_optimizer(tc: TrainConfig | StepSettings) -> optax.GradientTransformation:
-    """AdamW with bias correction and a constant lr, after global-norm clipping (if on)."""
-    adamw = optax.adamw(tc.lr, b1=tc.beta1, b2=tc.beta2, eps=tc.adam_eps,
+    """AdamW with bias correction and the run's lr schedule, after global-norm clipping (if
+    on)."""
+    adamw = optax.adamw(make_schedule(tc), b1=tc.beta1, b2=tc.beta2, eps=tc.adam_eps,
                         weight_decay=tc.weight_decay)
     if tc.grad_clip > 0:
         return optax.chain(optax.clip_by_global_norm(tc.grad_clip), adamw)
@@ -131,10 +156,28 @@ def compiled_step(cfg: ModelConfig, settings: StepSettings, mesh: Mesh):
     optimizer = make_optimizer(settings)
     dtype = compute_dtype(settings.precision)
 
+    value_and_grad = jax.value_and_grad(loss_fn)
+    K = settings.grad_accum
+
+    def loss_and_grads(params: dict, buffers: dict, batch: dict):
+        if K == 1:
+            return value_and_grad(params, buffers, batch, cfg, dtype, settings.grad_checkpoint)
+        # micro-batch j = rows j::K (TrainStream): [B] -> [B/K, K] -> [K, B/K], B/K sharded
+        micro = jax.tree.map(
+            lambda v: jnp.swapaxes(v.reshape((v.shape[0] // K, K) + v.shape[1:]), 0, 1), batch)
+
+        def add(acc, b):
+            loss, grads = value_and_grad(params, buffers, b, cfg, dtype,
+                                         settings.grad_checkpoint)
+            return (acc[0] + loss, jax.tree.map(jnp.add, acc[1], grads)), None
+
+        zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        (loss, grads), _ = jax.lax.scan(add, zero, micro)
+        return loss / K, jax.tree.map(lambda g: g / K, grads)
+
     def train_step(state: TrainState, buffers: dict, batch: dict, decay: jax.Array):
         TRACE_COUNTS["train_step"] += 1
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, buffers, batch, cfg, dtype,
-                                                  settings.grad_checkpoint)
+        loss, grads = loss_and_grads(state.params, buffers, batch)
         grad_norm = optax.tree.norm(grads)
         updates, opt = optimizer.update(grads, state.opt, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -186,7 +229,8 @@ def opt_from_checkpoint(opt: optax.OptState, saved: dict[str, np.ndarray],
     mu = {n: jnp.asarray(saved[f"m/{n}"], jnp.float32) for n in names}
     nu = {n: jnp.asarray(saved[f"v/{n}"], jnp.float32) for n in names}
     count = jnp.asarray(int(saved["step"]), jnp.int32)
-    return optax.tree_utils.tree_set(opt, mu=mu, nu=nu, count=count)
+    opt = optax.tree_utils.tree_set(opt, mu=mu, nu=nu, count=count)  # Adam's and the schedule's
+    return jax.tree.map(jnp.copy, opt)  # one buffer per leaf: the step donates each
 
 
 def initial_state(cfg: ModelConfig, tc: TrainConfig, optimizer: optax.GradientTransformation,
@@ -216,7 +260,7 @@ def train(tc: TrainConfig, *, devices: Any = None) -> Path:
         raise ConfigError(f"batch_size={tc.batch_size} is not divisible by the {mesh.size} "
                           f"devices of the data mesh")
     sharded = NamedSharding(mesh, PartitionSpec("data"))
-    optimizer = make_optimizer(tc)
+    optimizer, schedule = make_optimizer(tc), make_schedule(tc)
     state, buffers = replicate(initial_state(cfg, tc, optimizer, run.resume_checkpoint()), mesh)
     model = DARTransformer(cfg)
     step_fn = make_train_step(cfg, tc, mesh)
@@ -233,7 +277,8 @@ def train(tc: TrainConfig, *, devices: Any = None) -> Path:
         if pending is not None:
             s, loss, grad_norm = pending
             pending = None
-            run.log(s, float(loss), float(grad_norm))  # raises on NaN/inf, naming step s
+            # raises on NaN/inf, naming step s; the lr is optax's at update count s
+            run.log(s, float(loss), float(grad_norm), lr=float(schedule(s)))
 
     for step in run.steps():
         batch = shard_batch(run.stream.batch(step, rank, world), sharded, tc.batch_size)

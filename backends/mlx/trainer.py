@@ -9,6 +9,7 @@ same update. All randomness comes from the stream; the step uses no MLX RNG.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_reduce
+from mlx.utils import tree_flatten, tree_map, tree_reduce
 
 from dar_core.io.checkpoint import check_optimizer_state
 from dar_core.spec.interpolant import interpolate, velocity_target
 from dar_core.spec.schema import trainable_names
 from dar_core.train.run import Run, TrainConfig
+from dar_core.train.schedule import warmup_length
 
 from .device import compute_dtype, resolve_device
 from .model import DARTransformer
@@ -37,10 +39,26 @@ def loss_fn(model: DARTransformer, x: mx.array, t: mx.array, y: mx.array,
     return mx.mean(mx.square(err))
 
 
+def make_schedule(tc: TrainConfig) -> Callable[[mx.array], mx.array] | float:
+    """The run's schedule (``dar_core.train.schedule``) from ``mlx.optimizers``' own: a
+    linear warm-up joined to a cosine decay (a constant lr is a plain float). MLX evaluates it
+    at the optimizer's step count, which a resumed run restores."""
+    W = warmup_length(tc.warmup_steps)
+    after: Any = tc.lr
+    if tc.lr_schedule == "cosine":
+        after = optim.cosine_decay(tc.lr, tc.steps - W, tc.min_lr)
+    if not W:
+        return after
+    warmup = optim.linear_schedule(tc.lr / W, tc.lr, W - 1)
+    if not callable(after):
+        return warmup  # it holds lr after its W - 1 steps
+    return optim.join_schedules([warmup, after], [W])
+
+
 def make_optimizer(tc: TrainConfig) -> optim.AdamW:
-    """AdamW with bias correction (MLX's default is without) and a constant learning rate."""
-    return optim.AdamW(learning_rate=tc.lr, betas=[tc.beta1, tc.beta2], eps=tc.adam_eps,
-                       weight_decay=tc.weight_decay, bias_correction=True)
+    """AdamW with bias correction (MLX's default is without) and the run's lr schedule."""
+    return optim.AdamW(learning_rate=make_schedule(tc), betas=[tc.beta1, tc.beta2],
+                       eps=tc.adam_eps, weight_decay=tc.weight_decay, bias_correction=True)
 
 
 def global_norm(grads: Any) -> mx.array:
@@ -58,7 +76,7 @@ class TrainStep:
 
     def __init__(self, model: DARTransformer, optimizer: optim.Optimizer,
                  ema: dict[str, mx.array], *, grad_clip: float, ema_decay: float,
-                 group: Any = None, compile: bool = True):
+                 group: Any = None, compile: bool = True, grad_accum: int = 1):
         self.model, self.optimizer, self.ema = model, optimizer, ema
         self.world = group.size() if group is not None else 1
         self.group = group
@@ -67,9 +85,19 @@ class TrainStep:
         self.state = [model.state, optimizer.state, ema, mx.random.state]
         loss_and_grad = nn.value_and_grad(model, loss_fn)
 
+        K = grad_accum
+
         def step(x: mx.array, t: mx.array, y: mx.array, noise: mx.array, d: mx.array):
             self.traces += 1
-            loss, grads = loss_and_grad(model, x, t, y, noise)
+            if K == 1:
+                loss, grads = loss_and_grad(model, x, t, y, noise)
+            else:  # micro-batch j = rows j::K (TrainStream); the mean of their gradients
+                loss, grads = 0.0, None
+                for j in range(K):
+                    part, g = loss_and_grad(model, x[j::K], t[j::K], y[j::K], noise[j::K])
+                    loss = loss + part
+                    grads = g if grads is None else tree_map(mx.add, grads, g)
+                loss, grads = loss / K, tree_map(lambda g: g / K, grads)
             if self.world > 1:
                 grads = nn.average_gradients(grads, group=self.group)
                 loss = mx.distributed.all_sum(loss, group=self.group) / self.world
@@ -151,7 +179,7 @@ def train(tc: TrainConfig) -> Path:
     source = ckpt.ema if ckpt is not None and ckpt.ema is not None else model.export_weights()
     ema = {n: mx.array(np.asarray(source[n], dtype=np.float32)) for n in names}
     step_fn = TrainStep(model, optimizer, ema, grad_clip=tc.grad_clip, ema_decay=tc.ema_decay,
-                        group=group, compile=tc.compile)
+                        group=group, compile=tc.compile, grad_accum=tc.grad_accum)
     sampler_model = DARTransformer(cfg, dtype=dtype) if run.is_main else None
     sampler = model_velocity(sampler_model) if sampler_model is not None else None
 
@@ -165,7 +193,8 @@ def train(tc: TrainConfig) -> Path:
         loss, norm = step_fn(*batch, ema_decay=tc.ema_decay_at(step))
         if step + 1 < tc.steps:
             batch = device_batch(step + 1)  # drawn on the host while the step runs
-        run.log(step, loss.item(), norm.item())
+        # the lr of this update: MLX's schedule at the step count it was evaluated at
+        run.log(step, loss.item(), norm.item(), lr=optimizer.learning_rate.item())
         if run.should_checkpoint(step) and run.is_main:
             run.save(run.done(step), params=model.export_weights(),
                      ema=ema_to_numpy(ema, model), opt=opt_to_numpy(optimizer, names))

@@ -8,8 +8,11 @@ sees the same global batch as a single process.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +21,8 @@ import torch.distributed as dist
 
 from dar_core.io.checkpoint import check_optimizer_state
 from dar_core.spec.interpolant import interpolate, velocity_target
-from dar_core.train.run import Run, TrainConfig, env_rank_world
+from dar_core.train.run import Run, TrainConfig, env_rank_world, micro_batch
+from dar_core.train.schedule import warmup_length
 
 from .device import autocast, resolve_device
 from .model import DARTransformer
@@ -37,6 +41,29 @@ def make_optimizer(params: list[torch.nn.Parameter], tc: TrainConfig) -> torch.o
     """AdamW with the run's hyper-parameters."""
     return torch.optim.AdamW(params, lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.adam_eps,
                              weight_decay=tc.weight_decay)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, tc: TrainConfig,
+                   start_step: int = 0) -> torch.optim.lr_scheduler.LRScheduler:
+    """The run's schedule (``dar_core.train.schedule``) from torch's own schedulers: LinearLR
+    for the warm-up, CosineAnnealingLR after it (SequentialLR joins them). After ``k`` calls
+    of ``step()`` the lr is that of step ``k``; a resumed run replays ``start_step`` calls so
+    its lr is the uninterrupted run's, float for float."""
+    from torch.optim import lr_scheduler as S
+
+    W = warmup_length(tc.warmup_steps)
+    warmup = S.LinearLR(opt, start_factor=1.0 / W, end_factor=1.0, total_iters=W - 1) \
+        if W else None
+    if tc.lr_schedule == "constant":
+        sched = warmup or S.ConstantLR(opt, factor=1.0, total_iters=0)
+    else:
+        cosine = S.CosineAnnealingLR(opt, T_max=tc.steps - W, eta_min=tc.min_lr)
+        sched = S.SequentialLR(opt, [warmup, cosine], milestones=[W]) if warmup else cosine
+    with warnings.catch_warnings():  # replaying: no optimizer step comes between these
+        warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"))
+        for _ in range(start_step):
+            sched.step()
+    return sched
 
 
 def ema_update(ema_params: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
@@ -114,6 +141,7 @@ def _train(tc: TrainConfig, rank: int, world: int, device: torch.device) -> Path
     opt = make_optimizer(params, tc)
     if ckpt is not None:
         opt_state_from_numpy(opt, named, ckpt.opt)
+    sched = make_scheduler(opt, tc, run.start_step)
 
     net: torch.nn.Module = _Velocity(model)
     if world > 1:
@@ -123,15 +151,23 @@ def _train(tc: TrainConfig, rank: int, world: int, device: torch.device) -> Path
         net = torch.compile(net)
     max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
 
+    K = tc.grad_accum
     for step in run.steps():
         batch = {k: torch.from_numpy(v).to(device, non_blocking=True)
                  for k, v in run.stream.batch(step, rank, world).items()}
-        with autocast(device, tc.precision):
-            loss = loss_fn(net, batch)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = torch.zeros((), device=device)
+        for j in range(K):  # micro-batches: the mean of their gradients is the batch's
+            sync = j == K - 1 or world == 1  # DDP all-reduces only with the last one
+            with (contextlib.nullcontext() if sync else net.no_sync()):
+                with autocast(device, tc.precision):
+                    part = loss_fn(net, micro_batch(batch, j, K) if K > 1 else batch) / K
+                part.backward()
+            loss += part.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        lr = opt.param_groups[0]["lr"]  # the lr of this update, from the scheduler
         opt.step()
+        sched.step()
         with torch.no_grad():
             decay = tc.ema_decay_at(step)
             ema_update(ema_params, params, decay)
@@ -139,7 +175,7 @@ def _train(tc: TrainConfig, rank: int, world: int, device: torch.device) -> Path
             loss = loss.detach().clone()  # SUM / world: Gloo has no AVG before torch 2.6
             dist.all_reduce(loss, op=dist.ReduceOp.SUM)
             loss /= world
-        run.log(step, loss.item(), grad_norm.item())
+        run.log(step, loss.item(), grad_norm.item(), lr=lr)
 
         n = run.done(step)
         if run.should_checkpoint(step):

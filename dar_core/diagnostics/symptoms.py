@@ -83,13 +83,17 @@ def _mean_over_tokens(w: Any) -> Any:
 
 
 def eval_batch(cfg: ModelConfig, n: int = 32, seed: int = 0, data: str = "procedural",
-               data_seed: int = 0) -> dict[str, np.ndarray]:
-    """Held-out images with fixed noise: the same batch for every checkpoint."""
+               data_seed: int = 0, holdout: int = 0) -> dict[str, np.ndarray]:
+    """Held-out images with fixed noise: the same batch for every checkpoint. Folder data
+    trained without a hold-out has none: its first training batch of ``n`` stands in (the
+    symptoms measure the network's signal flow, not generalisation)."""
     from dar_core.io.data import make_dataset
 
     ds = make_dataset(data, image_size=cfg.input_size, num_classes=cfg.num_classes,
-                      seed=data_seed)
+                      seed=data_seed, holdout=holdout)
     x, y = ds.heldout(n)
+    if len(x) == 0:
+        x, y = ds.train_batch(0, n)
     rng = np.random.default_rng([seed, 5])
     noise = rng.standard_normal(x.shape, dtype=np.float32)
     return {"x": x.astype(np.float32), "y": y.astype(np.int64), "noise": noise}
@@ -149,7 +153,8 @@ def diagnose(
         ck = load_checkpoint(path)
         cfg = ck.config
         train = ck.meta.get("train", {})
-        batch = eval_batch(cfg, n, seed, train.get("data", "procedural"), train.get("seed", 0))
+        batch = eval_batch(cfg, n, seed, train.get("data", "procedural"), train.get("seed", 0),
+                           train.get("holdout", 0))
         w = ck.weights(weights)
         if backend == "reference":
             measure = reference_measure

@@ -33,12 +33,16 @@ def sample_checkpoint(
     noise: np.ndarray | None = None,
     batch_size: int | None = None,
     progress: bool = False,
+    decode: bool = True,
+    vae: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Images ``[N, C, H, W]`` (NumPy) and their labels. Labels default to every class
     ``per_class`` times. The initial noise is ``noise`` when given, else drawn from
     ``default_rng(seed)``; the SDE's noise continues that generator. ``batch_size`` splits the
     work into chunks of that many samples (each chunk continues the same generator).
-    ``progress`` shows a bar over the network evaluations on stderr."""
+    ``progress`` shows a bar over the network evaluations on stderr. A model trained on
+    ``dar prepare`` latents samples latents; with ``decode`` they are decoded to images by the
+    VAE the data's manifest names (``vae``: that VAE's path on this machine)."""
     if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
         raise ConfigError(f"per_class must be a positive integer, got {per_class!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -51,6 +55,12 @@ def sample_checkpoint(
         writable_parent(png)  # before the sampling, not after it
     ckpt = load_checkpoint(checkpoint)
     cfg = ckpt.config
+    decoder = None
+    if decode:
+        from dar_core.io.data.vae import decoder_for_data
+
+        decoder = decoder_for_data(str(ckpt.meta.get("train", {}).get("data", "procedural")),
+                                   vae)
     if labels is None:
         y = np.repeat(np.arange(cfg.num_classes), per_class)
         nrow = per_class
@@ -99,6 +109,8 @@ def sample_checkpoint(
     if bad:
         raise InputError(f"the samples hold {bad} non-finite values of {images.size}: the "
                          f"checkpoint's {weights} weights or the sampler settings diverge")
+    if decoder is not None:
+        images = decoder(images)
     if png:
         from dar_core.io.images import save_image_grid
 

@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -56,9 +57,12 @@ from dar_core.io.checkpoint import (
     save_checkpoint,
     writable_folder,
 )
+from dar_core.io.data.procedural import rank_rows
 from dar_core.sampling.samplers import SAMPLERS, sample
 from dar_core.spec.config import ModelConfig, RoutingConfig, model_config
 from dar_core.spec.interpolant import TIME_SAMPLINGS, sample_time
+from dar_core.train.schedule import check_schedule, lr_at
+from dar_core.train.writers import FOLDER as TB_FOLDER
 
 
 @dataclass(frozen=True)
@@ -72,13 +76,19 @@ class TrainConfig:
     chunk_size: int = 4
     final_aggregator: bool = True
     # data
-    data: str = "procedural"
+    data: str = "procedural"  # or a folder of shards (dar prepare's output, or npz/safetensors)
     image_size: int = 16
     num_classes: int = 10
+    holdout: int = 0  # examples of folder data kept out of training (none by default)
+    flip: bool = False  # horizontal flips of folder data (prepared latents: their x_flip)
     # optimization (SiT: AdamW, lr 1e-4, no weight decay, EMA 0.9999)
     steps: int = 2000
     batch_size: int = 64
     lr: float = 1e-4
+    lr_schedule: str = "constant"  # or "cosine" (dar_core.train.schedule)
+    warmup_steps: int = 0  # linear warm-up from lr / W to lr over the first W steps
+    min_lr: float = 0.0  # where the cosine schedule ends
+    grad_accum: int = 1  # micro-batches per step: the same global batch in K pieces
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.999
@@ -106,11 +116,13 @@ class TrainConfig:
     grad_checkpoint: bool = False
     device: str = "auto"
     progress: bool = True
+    tensorboard: bool = True  # event files in <out>/tensorboard
     overwrite: bool = False  # a fresh run may replace the run already in ``out``
 
     def __post_init__(self) -> None:
         for f in ("steps", "batch_size", "log_every", "ckpt_every", "sample_every",
-                  "keep_checkpoints", "sample_steps", "per_class", "image_size", "num_classes"):
+                  "keep_checkpoints", "sample_steps", "per_class", "image_size", "num_classes",
+                  "grad_accum"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{f} must be a positive integer, got {v!r}")
@@ -140,10 +152,23 @@ class TrainConfig:
         if self.sample_sampler not in SAMPLERS:
             raise ConfigError(f"sample_sampler must be one of {list(SAMPLERS)}, "
                               f"got {self.sample_sampler!r}")
-        for f in ("ema_warmup", "overwrite"):
+        check_schedule(self.lr, self.lr_schedule, self.warmup_steps, self.min_lr, self.steps)
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"batch_size={self.batch_size} is not divisible by "
+                              f"grad_accum={self.grad_accum}")
+        if isinstance(self.holdout, bool) or not isinstance(self.holdout, int) \
+                or self.holdout < 0:
+            raise ConfigError(f"holdout must be an integer >= 0, got {self.holdout!r}")
+        for f in ("ema_warmup", "overwrite", "tensorboard", "flip"):
             if not isinstance(getattr(self, f), bool):
                 raise ConfigError(f"{f} must be a bool, got {getattr(self, f)!r}")
         self.model_config()  # validates model and routing fields
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of the update made by step ``step`` (0-based): the schedule of
+        ``dar_core.train.schedule``, which every backend's framework scheduler follows."""
+        return lr_at(step, lr=self.lr, schedule=self.lr_schedule,
+                     warmup_steps=self.warmup_steps, min_lr=self.min_lr, steps=self.steps)
 
     def ema_decay_at(self, step: int) -> float:
         """EMA decay of the update made by step ``step`` (0-based).
@@ -186,11 +211,16 @@ def make_train_dataset(tc: TrainConfig) -> Any:
     from dar_core.io.data import make_dataset
 
     return make_dataset(tc.data, image_size=tc.image_size, num_classes=tc.num_classes,
-                        seed=tc.seed)
+                        seed=tc.seed, holdout=tc.holdout, flip=tc.flip)
 
 
 class TrainStream:
-    """Global training batches as a pure function of ``(seed, step)``, sliced per rank."""
+    """Global training batches as a pure function of ``(seed, step)``, sliced per rank.
+
+    With gradient accumulation (``grad_accum = K``) a rank's rows are split into ``K``
+    micro-batches, micro-batch ``j`` holding rows ``j, j + K, j + 2K, ...`` (``micro_batch``):
+    the step's gradient is the mean of the micro-batch gradients, the gradient of the whole
+    batch, whatever ``K``."""
 
     def __init__(self, dataset: Any, tc: TrainConfig, null_class: int):
         self.dataset = dataset
@@ -203,16 +233,26 @@ class TrainStream:
         B = self.tc.batch_size
         if B % world:
             raise ConfigError(f"batch_size={B} is not divisible by the world size {world}")
-        x, y = self.dataset.train_batch(step, B)
+        if (B // world) % self.tc.grad_accum:
+            raise ConfigError(f"the per-process batch {B // world} (batch_size={B} over {world} "
+                              f"processes) is not divisible by grad_accum={self.tc.grad_accum}")
+        x, y = self.dataset.train_batch(step, B, rank, world)  # only this rank's rows
+        # t, noise and label drops are drawn for the whole global batch, then sliced, so a
+        # rank's rows do not depend on the world size
         rng = np.random.default_rng([self.tc.seed, 2, step])
         t = sample_time(rng, B, self.tc.time_sampling)
-        noise = rng.standard_normal(x.shape, dtype=np.float32)
+        noise = rng.standard_normal((B, *x.shape[1:]), dtype=np.float32)
         drop = rng.random(B) < self.tc.class_dropout
-        y = np.where(drop, self.null_class, y).astype(np.int64)
-        b = B // world
-        sl = slice(rank * b, (rank + 1) * b)
-        return {"x": np.ascontiguousarray(x[sl], dtype=np.float32), "y": y[sl], "t": t[sl],
+        sl = rank_rows(B, rank, world)
+        y = np.where(drop[sl], self.null_class, y).astype(np.int64)
+        return {"x": np.ascontiguousarray(x, dtype=np.float32), "y": y, "t": t[sl],
                 "noise": noise[sl]}
+
+
+def micro_batch(batch: dict[str, Any], j: int, k: int) -> dict[str, Any]:
+    """Micro-batch ``j`` of ``k`` of a rank's batch: rows ``j::k`` of every array (NumPy,
+    torch and MLX arrays alike)."""
+    return {name: v[j::k] for name, v in batch.items()}
 
 
 def grid_inputs(cfg: ModelConfig, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -248,6 +288,8 @@ class Run:
         self._lock: RunLock | None = None
         self._signal: str | None = None  # the name of a stop signal received
         self._stop_step: int | None = None  # the step whose end saves and stops
+        self._writer: Any = None  # TensorBoard, opened once the start step is known
+        self._decoder: Any = None  # the data's VAE, loaded at the first latent sample grid
         if self.is_main:
             self._claim()
 
@@ -270,6 +312,8 @@ class Run:
                 old.unlink()
             for name in ("metrics.jsonl", "config.json", "training.png"):
                 (self.dir / name).unlink(missing_ok=True)
+            if (self.dir / TB_FOLDER).is_dir():
+                shutil.rmtree(self.dir / TB_FOLDER)
             if self.sample_dir.is_dir():
                 for png in self.sample_dir.glob("step-*.png"):
                     png.unlink()
@@ -309,6 +353,10 @@ class Run:
                           f"above {self.start_step} to continue the run)", file=sys.stderr)
         if self.is_main:
             self._write_config()
+            if self.tc.tensorboard:
+                from dar_core.train.writers import TensorBoardWriter
+
+                self._writer = TensorBoardWriter(self.dir, self.start_step)
         return ckpt
 
     def _find_resume(self) -> Checkpoint | None:
@@ -405,6 +453,9 @@ class Run:
         """Close the progress bar of a run that stops early; its newest checkpoint, if any."""
         if self._bar is not None:
             self._bar.close()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
         kept = self.checkpoints()
         return kept[-1] if kept else None
 
@@ -468,6 +519,9 @@ class Run:
                "img_per_s": img_s, "time": time.time(), **{k: float(v) for k, v in extra.items()}}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
+        if self._writer is not None:
+            self._writer.scalars(n, {k: v for k, v in rec.items()
+                                     if k not in ("step", "time") and math.isfinite(v)})
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{img_s:.0f}")
 
@@ -489,8 +543,23 @@ class Run:
                      null_class=self.cfg.null_class, rng=np.random.default_rng([self.tc.seed, 4]),
                      asarray=asarray)
         path = self.sample_dir / f"step-{self.done(step):07d}.png"
-        save_image_grid(to_numpy(out), path, nrow=self.tc.per_class)
+        save_image_grid(self._decoded(to_numpy(out)), path, nrow=self.tc.per_class)
         return path
+
+    def _decoded(self, images: np.ndarray) -> np.ndarray:
+        """Samples of a latent dataset decoded by the VAE its manifest names (so the grids
+        show images); without torch/diffusers here, the latents with a warning."""
+        if getattr(self.dataset, "kind", "pixels") != "latents":
+            return images
+        if self._decoder is None:
+            from dar_core.io.data.vae import decoder_for_data
+
+            try:
+                self._decoder = decoder_for_data(self.tc.data)
+            except ConfigError as e:  # diffusers or torch missing on this machine
+                print(f"warning: sample grids show raw latents: {e}", file=sys.stderr)
+                self._decoder = False
+        return self._decoder(images) if self._decoder else images
 
     def plot(self) -> None:
         if self.is_main and self.metrics_path.exists():
@@ -501,6 +570,9 @@ class Run:
     def finish(self) -> None:
         if self._bar is not None:
             self._bar.close()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
         self.plot()
         if self._lock is not None:
             self._lock.release()

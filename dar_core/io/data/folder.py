@@ -1,23 +1,30 @@
-"""Loading user data from a folder of shards, with the same interface as the procedural set.
+"""Loading user data from a folder of shards held in memory, with the same interface as the
+procedural set.
 
 A folder holds ``*.npz`` and/or ``*.safetensors`` shards, each with an image array ``x``
 (``[N, C, H, W]``, ``uint8`` pixels or floating-point values such as pre-extracted VAE
 latents) and integer labels ``y`` (``[N]``). Shards are read in file-name order and
 concatenated in memory: the target is small and medium datasets for tiny models, and a
-flat array makes the batch order trivial to reason about.
+flat array makes the batch order trivial to reason about. Large datasets go through
+``dar prepare`` and ``ShardDataset`` (streamed from disk); ``make_dataset`` picks that one
+for a folder holding ``manifest.json``.
 
 * ``uint8`` is mapped to ``float32`` in [-1, 1] (``x / 127.5 - 1``); floating-point data
   passes through unchanged apart from the cast to ``float32``.
 * Every problem is an ``InputError`` naming the file and the offending value, because a
   silently mis-shaped dataset wastes a whole training run.
-* Held-out split: one fixed permutation (seed domain ``(seed, 1, 1)``) puts every example in
-  a position; the last ``max(1, N // 10)`` positions are the held-out pool, never used for
-  training. ``heldout(n)`` returns the first ``min(n, pool size)`` of that pool, so it is the
-  same whatever ``n`` is asked for, and the training stream never depends on it.
+* Held-out split, only when asked (``holdout=H``; the default 0 trains on every example, as
+  published results do): one fixed permutation (seed domain ``(seed, 1, 1)``) puts every
+  example in a position; the last ``H`` positions are the held-out pool, never used for
+  training. ``heldout(n)`` returns the first ``min(n, H)`` of that pool, so it is the same
+  whatever ``n`` is asked for, and the training stream never depends on it.
 * Training stream: epoch ``e`` visits the training pool in the order of
   ``default_rng([seed, e]).permutation``; batch ``step`` holds the stream positions
   ``step * batch_size .. step * batch_size + batch_size - 1``, wrapping across epochs. A
-  batch is a pure function of (seed, step, batch_size), so resumed runs are bit-identical.
+  batch is a pure function of (seed, step, batch_size), so resumed runs are bit-identical;
+  ``train_batch(step, B, rank, world)`` is the rank's slice of it.
+* ``flip=True`` mirrors the examples at the stream positions a keyed hash of
+  ``(seed, position)`` picks (the same rule as ``ShardDataset``).
 """
 
 from __future__ import annotations
@@ -28,10 +35,11 @@ from pathlib import Path
 import numpy as np
 
 from dar_core.errors import InputError
-from dar_core.io.data.procedural import ProceduralDataset, _check_step, _is_int
+from dar_core.io.data.procedural import ProceduralDataset, _check_step, _is_int, rank_rows
+from dar_core.io.data.shards import MANIFEST, ShardDataset
+from dar_core.io.data.shuffle import coin_flips, keys
 
 SHARD_PATTERNS: tuple[str, ...] = ("*.npz", "*.safetensors")
-HELDOUT_FRACTION = 0.1
 
 
 def _load_shard(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -88,16 +96,20 @@ class FolderDataset:
         path: the folder (or a single shard file).
         num_classes: if given, checked against the labels (every label must be below it);
             otherwise ``max label + 1``.
-        seed: non-negative int selecting the held-out split and the epoch orders.
+        seed: non-negative int selecting the held-out split, the epoch orders and flips.
+        holdout: examples held out for evaluation (never trained on); 0: none.
+        flip: mirror the training examples at half of the stream positions.
     """
 
     def __init__(self, path: str | os.PathLike[str], num_classes: int | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, holdout: int = 0, flip: bool = False) -> None:
         root = Path(path)
         if not root.exists():
             raise InputError(f"dataset path {str(root)!r} does not exist")
         if not _is_int(seed) or seed < 0:
             raise InputError(f"seed must be a non-negative int, got {seed!r}")
+        if not isinstance(flip, bool):
+            raise InputError(f"flip must be a bool, got {flip!r}")
         if root.is_dir():
             files = sorted(
                 (p for pat in SHARD_PATTERNS for p in root.glob(pat) if p.is_file()),
@@ -133,10 +145,10 @@ class FolderDataset:
         self._y = np.concatenate(ys)
         self._files = files
         n = self._x.shape[0]
-        if n < 2:
+        if not _is_int(holdout) or not 0 <= holdout < n:
             raise InputError(
-                f"dataset {str(root)!r} has {n} example(s); need at least 2 "
-                "(one for training, one held out)"
+                f"holdout must be an int in [0, {n}) for the {n} example(s) of "
+                f"{str(root)!r} (at least one stays for training), got {holdout!r}"
             )
 
         max_label = int(self._y.max())
@@ -153,10 +165,14 @@ class FolderDataset:
             self._num_classes = int(num_classes)
 
         self._seed = int(seed)
-        split = np.random.default_rng([self._seed, 1, 1]).permutation(n)
-        n_held = max(1, int(n * HELDOUT_FRACTION))
-        self._train_idx = split[: n - n_held]
-        self._held_idx = split[n - n_held:]
+        self._flip = flip
+        self._flip_key = keys([self._seed, 2], 1)[0]
+        if holdout:
+            split = np.random.default_rng([self._seed, 1, 1]).permutation(n)
+        else:
+            split = np.arange(n)
+        self._train_idx = split[: n - holdout]
+        self._held_idx = split[n - holdout:]
         self._epoch_cache: dict[int, np.ndarray] = {}
 
     # ------------------------------------------------------------------ properties
@@ -189,6 +205,10 @@ class FolderDataset:
     def num_heldout(self) -> int:
         return int(self._held_idx.size)
 
+    @property
+    def flip(self) -> bool:
+        return self._flip
+
     def __len__(self) -> int:
         return int(self._x.shape[0])
 
@@ -203,16 +223,23 @@ class FolderDataset:
             self._epoch_cache[epoch] = order
         return order
 
-    def train_batch(self, step: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """The training batch for ``step``: stream positions ``step*batch_size + [0, B)``."""
+    def train_batch(self, step: int, batch_size: int, rank: int = 0,
+                    world: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """The training batch for ``step``: stream positions ``step*batch_size + [0, B)``;
+        ``rank``'s rows ``rank*B/world .. (rank+1)*B/world`` of it when ``world > 1``."""
         _check_step(step, batch_size)
-        pos = int(step) * int(batch_size) + np.arange(int(batch_size), dtype=np.int64)
+        rows = rank_rows(batch_size, rank, world)
+        pos = int(step) * int(batch_size) + np.arange(rows.start, rows.stop, dtype=np.int64)
         epochs, offsets = np.divmod(pos, self.num_train)
         idx = np.empty(pos.shape, np.int64)
         for e in np.unique(epochs):
             sel = epochs == e
             idx[sel] = self._epoch_order(int(e))[offsets[sel]]
-        return self._x[idx], self._y[idx]
+        x = self._x[idx]
+        if self._flip:
+            f = coin_flips(self._flip_key, pos)
+            x[f] = x[f][..., ::-1]
+        return x, self._y[idx]
 
     def heldout(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """The first ``min(n, num_heldout)`` examples of the fixed held-out pool."""
@@ -230,15 +257,24 @@ class FolderDataset:
 
 
 def make_dataset(spec: str | os.PathLike[str], image_size: int | None = None,
-                 num_classes: int | None = None,
-                 seed: int = 0) -> ProceduralDataset | FolderDataset:
-    """``"procedural"`` -> ``ProceduralDataset``; anything else is a folder/shard path.
+                 num_classes: int | None = None, seed: int = 0, holdout: int = 0,
+                 flip: bool = False) -> ProceduralDataset | FolderDataset | ShardDataset:
+    """``"procedural"`` -> ``ProceduralDataset``; a folder holding ``manifest.json`` (or the
+    manifest itself) -> ``ShardDataset`` (``dar prepare``'s output, streamed from disk);
+    any other folder or shard file -> ``FolderDataset`` (held in memory).
 
-    For the procedural set ``image_size`` and ``num_classes`` default to 16 and 10. A folder
+    For the procedural set ``image_size`` and ``num_classes`` default to 16 and 10, and its
+    held-out split is fixed (``holdout`` and ``flip`` must stay 0 / False). A folder
     defines its own image size and labels: if ``image_size`` is given it must match the
-    shards, and ``num_classes`` is checked against the labels (``InputError`` otherwise).
+    shards (for latents: the latent size, e.g. 32 for 256-pixel images), and
+    ``num_classes`` is checked against the labels (``InputError`` otherwise).
     """
     if isinstance(spec, str) and spec == "procedural":
+        if holdout or flip:
+            raise InputError(
+                f"holdout={holdout!r} / flip={flip!r}: the procedural dataset has a fixed "
+                "held-out split and no flips; these options apply to folder data"
+            )
         return ProceduralDataset(
             image_size=16 if image_size is None else image_size,
             num_classes=10 if num_classes is None else num_classes,
@@ -248,10 +284,17 @@ def make_dataset(spec: str | os.PathLike[str], image_size: int | None = None,
         raise InputError(
             f"dataset {str(spec)!r} is neither 'procedural' nor an existing path"
         )
-    ds = FolderDataset(spec, num_classes=num_classes, seed=seed)
+    path = Path(spec)
+    if path.name == MANIFEST or (path / MANIFEST).is_file():
+        ds: FolderDataset | ShardDataset = ShardDataset(
+            path, num_classes=num_classes, seed=seed, holdout=holdout, flip=flip)
+    else:
+        ds = FolderDataset(spec, num_classes=num_classes, seed=seed, holdout=holdout,
+                           flip=flip)
     if image_size is not None and image_size != ds.image_size:
         raise InputError(
             f"image_size={image_size!r} was requested but the shards in {str(spec)!r} hold "
             f"{ds.image_size}x{ds.image_size} images"
+            + (" (latents)" if getattr(ds, "kind", "") == "latents" else "")
         )
     return ds

@@ -131,12 +131,19 @@ class ProceduralDataset:
         labels = self._check_labels(labels)
         return _render(rng, self._factors[labels], self._grid)
 
-    def train_batch(self, step: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """The training batch for ``step``: a pure function of (seed, step, batch_size)."""
+    def train_batch(self, step: int, batch_size: int, rank: int = 0,
+                    world: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """The training batch for ``step``: a pure function of (seed, step, batch_size);
+        ``rank``'s rows ``rank*B/world .. (rank+1)*B/world`` of it when ``world > 1`` (the
+        whole batch is drawn: its images share one generator)."""
         _check_step(step, batch_size)
+        rows = rank_rows(batch_size, rank, world)
         rng = np.random.default_rng([self._seed, 0, int(step)])
         y = rng.integers(0, self._num_classes, size=int(batch_size), dtype=np.int64)
-        return self.sample(rng, y), y
+        x = self.sample(rng, y)
+        if world == 1:
+            return x, y
+        return np.ascontiguousarray(x[rows]), y[rows]
 
     def heldout(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """``n`` held-out images with balanced labels ``i % num_classes``.
@@ -331,6 +338,18 @@ def _check_step(step: object, batch_size: object) -> None:
         raise InputError(f"step must be a non-negative int, got {step!r}")
     if not _is_int(batch_size) or batch_size < 1:
         raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
+
+
+def rank_rows(batch_size: int, rank: object, world: object) -> slice:
+    """The rows ``rank * b .. (rank + 1) * b`` (``b = batch_size / world``) of a global batch
+    that data-parallel rank ``rank`` of ``world`` trains on."""
+    if not _is_int(world) or world < 1 or not _is_int(rank) or not 0 <= rank < world:
+        raise InputError(f"rank must be an int in [0, world) and world an int >= 1, got "
+                         f"rank={rank!r} world={world!r}")
+    if batch_size % world:
+        raise InputError(f"batch_size={batch_size} is not divisible by the world size {world}")
+    b = int(batch_size) // int(world)
+    return slice(int(rank) * b, (int(rank) + 1) * b)
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
