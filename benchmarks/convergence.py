@@ -71,6 +71,19 @@ def eval_steps(budget: int, count: int) -> list[int]:
 def run_arm(arm: str, seed: int, preset: str, runs: str, backend: str,
             budget: int | None, protocol: dict) -> list[dict]:
     """Train one (arm, seed) up to every evaluation step and score it there (resumable)."""
+    spec = PRESETS[preset]
+    base: TrainConfig = spec["train"]
+    out = Path(runs) / f"{arm.replace(' ', '-')}-seed{seed}"
+    return segmented_run(base.replace(**ARMS[arm], seed=seed), out,
+                         eval_steps(budget or base.steps, spec["evals"]), protocol, backend,
+                         dict(arm=arm, seed=seed))
+
+
+def segmented_run(tc: TrainConfig, out: Path, steps: list[int], protocol: dict, backend: str,
+                  tag: dict) -> list[dict]:
+    """Train ``tc`` in segments ending at each of ``steps``, resuming from its own
+    checkpoint, and score the EMA weights after each (``evals.jsonl`` in ``out``, so a killed
+    study continues where it stopped). Records carry ``tag`` and the segment's seconds."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if backend == "torch":
         import torch
@@ -79,33 +92,28 @@ def run_arm(arm: str, seed: int, preset: str, runs: str, backend: str,
     from dar_core.backend import load_backend
     from dar_core.evaluation.protocol import evaluate_checkpoint
 
-    spec = PRESETS[preset]
-    base: TrainConfig = spec["train"]
-    total = budget or base.steps
-    out = Path(runs) / f"{arm.replace(' ', '-')}-seed{seed}"
     log = out / "evals.jsonl"
     done = {}
     if log.exists():
         done = {r["step"]: r for r in map(json.loads, log.read_text().splitlines()) if r}
     train = load_backend(backend).train
     records = []
-    for n in eval_steps(total, spec["evals"]):
+    for n in steps:
         if n in done:
             records.append(done[n])
             continue
-        tc = base.replace(**ARMS[arm], seed=seed, steps=n, out=str(out), resume="auto",
-                          ckpt_every=n, sample_every=n)
+        seg = tc.replace(steps=n, out=str(out), resume="auto", ckpt_every=n, sample_every=n)
         t0 = time.perf_counter()
-        train(tc)
+        train(seg)
         train_s = time.perf_counter() - t0
         ckpt = out / "checkpoints" / f"ckpt-{n:07d}.safetensors"
-        r = evaluate_checkpoint(ckpt, backend=backend, **protocol, device=base.device)
-        r.update(arm=arm, seed=seed, step=n, segment_train_seconds=round(train_s, 2))
+        r = evaluate_checkpoint(ckpt, backend=backend, **protocol, device=tc.device)
+        r.update(**tag, step=n, segment_train_seconds=round(train_s, 2))
         records.append(r)
         with open(log, "a") as f:
             f.write(json.dumps(r) + "\n")
-        print(f"[{arm} seed {seed}] step {n}: FD {r['fd']:.3f}  class acc "
-              f"{r['class_accuracy']:.3f}", flush=True)
+        print(f"[{' '.join(f'{k} {v}' for k, v in tag.items())}] step {n}: FD {r['fd']:.3f}  "
+              f"class acc {r['class_accuracy']:.3f}", flush=True)
     return records
 
 

@@ -19,6 +19,8 @@ from dar_core.backend import BACKENDS, load_backend
 from dar_core.diagnostics.symptoms import DEFAULT_TIMESTEPS
 from dar_core.errors import DARError
 from dar_core.io.checkpoint import writable_folder, writable_parent
+from dar_core.pretrained.cli import COMMANDS as PRETRAINED_COMMANDS
+from dar_core.pretrained.cli import add_parsers as add_pretrained_parsers
 from dar_core.sampling.samplers import SAMPLERS
 from dar_core.train.run import TrainConfig
 
@@ -113,6 +115,7 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
                     help="Hypothesis examples per property: ci 12, thorough 200")
     cf.add_argument("--report", default=None, help="write the JSON report here")
     cf.add_argument("--select", default=None, help="only tests matching this pytest -k expression")
+    add_pretrained_parsers(sub)  # import, graft, export
     from dar_core.io.data.prepare import add_parser as add_prepare_parser
 
     add_prepare_parser(sub)  # prepare
@@ -202,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                                f"got {values['backend']!r}")
             args = build_parser(values).parse_args(argv)
         commands = {"train": cmd_train, "sample": cmd_sample, "diagnose": cmd_diagnose,
-                    "eval": cmd_eval, "conformance": cmd_conformance}
+                    "eval": cmd_eval, "conformance": cmd_conformance, **PRETRAINED_COMMANDS}
         from dar_core.io.data.prepare import cmd_prepare
 
         commands["prepare"] = cmd_prepare

@@ -97,7 +97,8 @@ def aggregate(p: dict, cfg: ModelConfig, state, k: int, prefix: str | None,
     if prefix is None:
         return state.read(k, None, None)
     q = router_query(cfg.routing.query, t_emb, state.newest, p.get(f"{prefix}.query"),
-                     p.get(f"{prefix}.query_proj.weight"))  # [d] | [B, 1, d] | [B, T, d]
+                     p.get(f"{prefix}.query_proj.weight"),
+                     p.get(f"{prefix}.time_gain"))  # [d] | [B, 1, d] | [B, T, d]
     return state.read(k, q, p[f"{prefix}.norm.weight"])
 
 

@@ -26,8 +26,8 @@ from dar_core.errors import ConfigError
 from dar_core.io.checkpoint import Checkpoint, check_optimizer_state
 from dar_core.spec.config import ModelConfig
 from dar_core.spec.interpolant import interpolate, velocity_target
-from dar_core.spec.schema import NON_TRAINABLE, init_params, trainable_names
-from dar_core.train.run import Run, TrainConfig
+from dar_core.spec.schema import NON_TRAINABLE, init_params
+from dar_core.train.run import Run, TrainConfig, frozen_names, trained_names
 from dar_core.train.schedule import warmup_length
 
 from .device import compute_dtype, resolve_device
@@ -234,13 +234,21 @@ def opt_from_checkpoint(opt: optax.OptState, saved: dict[str, np.ndarray],
 
 
 def initial_state(cfg: ModelConfig, tc: TrainConfig, optimizer: optax.GradientTransformation,
-                  ckpt: Checkpoint | None) -> tuple[TrainState, dict[str, jax.Array]]:
-    """Fresh (core init) or resumed state, and the fixed buffers (``pos_embed``)."""
-    names = trainable_names(cfg)
-    source = init_params(cfg, tc.seed) if ckpt is None else ckpt.params
+                  ckpt: Checkpoint | None, init: dict | None = None
+                  ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """Fresh (core init) or resumed state, and the fixed buffers (``pos_embed``, and the
+    routers of a ``freeze_routing`` run)."""
+    names = trained_names(cfg, tc)
+    if ckpt is not None:
+        source = ckpt.params
+    else:  # a fresh run: the core init, or the grafted weights of ``init_from``
+        source = init_params(cfg, tc.seed) if init is None else init["params"]
     params = {n: jnp.asarray(source[n], jnp.float32) for n in names}
-    buffers = {n: jnp.asarray(source[n], jnp.float32) for n in NON_TRAINABLE}
+    buffers = {n: jnp.asarray(source[n], jnp.float32)
+               for n in sorted(NON_TRAINABLE) + frozen_names(cfg, tc)}
     ema_src = source if ckpt is None or ckpt.ema is None else ckpt.ema
+    if ckpt is None and init is not None:
+        ema_src = init["ema"]
     ema = {n: jnp.asarray(ema_src[n], jnp.float32) for n in names}
     opt = optimizer.init(params)
     if ckpt is not None:
@@ -261,7 +269,9 @@ def train(tc: TrainConfig, *, devices: Any = None) -> Path:
                           f"devices of the data mesh")
     sharded = NamedSharding(mesh, PartitionSpec("data"))
     optimizer, schedule = make_optimizer(tc), make_schedule(tc)
-    state, buffers = replicate(initial_state(cfg, tc, optimizer, run.resume_checkpoint()), mesh)
+    ckpt = run.resume_checkpoint()
+    init = run.initial_weights() if ckpt is None else None
+    state, buffers = replicate(initial_state(cfg, tc, optimizer, ckpt, init), mesh)
     model = DARTransformer(cfg)
     step_fn = make_train_step(cfg, tc, mesh)
 

@@ -142,7 +142,7 @@ class Mlp(nn.Module):
 class Router(nn.Module):
     """One aggregator's parameters: the key RMSNorm weight and the query (docs/spec.md §3)."""
 
-    def __init__(self, hidden: int, query: str, eps: float):
+    def __init__(self, hidden: int, query: str, eps: float, time_gain: bool = False):
         super().__init__()
         self.kind = query
         self.norm = nn.RMSNorm(hidden, eps=eps)  # only its weight is used: folded into q
@@ -150,13 +150,16 @@ class Router(nn.Module):
             self.query_proj = Linear(hidden, hidden, bias=False)
         else:
             self.query = mx.zeros((hidden,))
+        if time_gain:  # w + g e(t) (docs/spec.md §3.1); absent: the paper's w + e(t)
+            self.time_gain = mx.ones((1,))
 
     def raw_query(self, t_emb: mx.array, newest: mx.array) -> mx.array:
         """``q_l(t)``: ``[d]``, ``[B, 1, d]`` or ``[B, T, d]`` (docs/spec.md §3)."""
         if self.kind == "dynamic":
             w = self.query_proj.weight.astype(newest.dtype)  # the Linears' compute dtype
             return router_query(self.kind, t_emb, newest, query_proj=w)
-        return router_query(self.kind, t_emb, newest, query=self.query)
+        return router_query(self.kind, t_emb, newest, query=self.query,
+                            time_gain=self.get("time_gain"))
 
 
 def aggregate(router: Router | None, hist, k: int, t_emb: mx.array) -> mx.array:
@@ -176,8 +179,8 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(d, cfg.mlp_hidden)
         self.adaLN_modulation = [nn.SiLU(), Linear(d, 6 * d)]
         if r.is_dar:
-            self.attn_router = Router(d, r.query, r.norm_eps)
-            self.mlp_router = Router(d, r.query, r.norm_eps)
+            self.attn_router = Router(d, r.query, r.norm_eps, r.time_gain)
+            self.mlp_router = Router(d, r.query, r.norm_eps, r.time_gain)
 
     def __call__(self, hist, k: int, c: mx.array, t_emb: mx.array, checkpoint: bool) -> None:
         """Run sublayers ``k+1`` and ``k+2`` (aggregators ``k``, ``k+1``); ``c`` is SiLU'd."""
@@ -238,7 +241,8 @@ class DARTransformer(nn.Module):
         self.blocks = [DiTBlock(cfg) for _ in range(cfg.depth)]
         self.final_layer = FinalLayer(d, cfg.patch_size, cfg.out_channels)
         if cfg.routing.is_dar:
-            self.final_router = Router(d, cfg.routing.query, cfg.routing.norm_eps)
+            r = cfg.routing
+            self.final_router = Router(d, r.query, r.norm_eps, r.time_gain)
         self.freeze(keys=sorted(NON_TRAINABLE), recurse=False)
         self.load_weights(init_params(cfg, seed))
 

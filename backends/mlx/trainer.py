@@ -22,8 +22,7 @@ from mlx.utils import tree_flatten, tree_map, tree_reduce
 
 from dar_core.io.checkpoint import check_optimizer_state
 from dar_core.spec.interpolant import interpolate, velocity_target
-from dar_core.spec.schema import trainable_names
-from dar_core.train.run import Run, TrainConfig
+from dar_core.train.run import Run, TrainConfig, frozen_names, trained_names
 from dar_core.train.schedule import warmup_length
 
 from .device import compute_dtype, resolve_device
@@ -153,10 +152,22 @@ def opt_from_numpy(optimizer: optim.Optimizer, opt: dict[str, np.ndarray],
 
 
 def ema_to_numpy(ema: dict[str, mx.array], model: DARTransformer) -> dict[str, np.ndarray]:
-    """EMA weights under every schema name (the fixed ``pos_embed`` copied from the model)."""
+    """EMA weights under every schema name (what is not trained, the fixed ``pos_embed`` and
+    frozen routers, copied from the model)."""
     out = {k: np.array(v) for k, v in ema.items()}
-    out["pos_embed"] = np.array(model.pos_embed)
+    for k, v in model.export_weights().items():
+        out.setdefault(k, v)
     return out
+
+
+def freeze(model: DARTransformer, names: list[str]) -> None:
+    """Exclude the parameters ``names`` (schema names) from ``trainable_parameters``."""
+    for name in names:
+        *path, leaf = name.split(".")
+        mod: Any = model
+        for part in path:
+            mod = mod[int(part)] if isinstance(mod, list) else mod[part]
+        mod.freeze(keys=[leaf], recurse=False)
 
 
 # The loop --------------------------------------------------------------------------------
@@ -167,16 +178,22 @@ def train(tc: TrainConfig) -> Path:
     rank, world = group.rank(), group.size()
     run = Run(tc, backend="mlx", rank=rank, world=world)
     cfg, dtype = run.cfg, compute_dtype(tc.precision)
-    names = trainable_names(cfg)
+    names = trained_names(cfg, tc)
     ckpt = run.resume_checkpoint()
 
     model = DARTransformer(cfg, seed=tc.seed, dtype=dtype, grad_checkpoint=tc.grad_checkpoint)
+    freeze(model, frozen_names(cfg, tc))
     optimizer = make_optimizer(tc)
     optimizer.init(model.trainable_parameters())
+    init = run.initial_weights() if ckpt is None else None
     if ckpt is not None:
         model.load_weights(ckpt.params)
         opt_from_numpy(optimizer, ckpt.opt, names)
+    elif init is not None:
+        model.load_weights(init["params"])
     source = ckpt.ema if ckpt is not None and ckpt.ema is not None else model.export_weights()
+    if init is not None:
+        source = init["ema"]
     ema = {n: mx.array(np.asarray(source[n], dtype=np.float32)) for n in names}
     step_fn = TrainStep(model, optimizer, ema, grad_clip=tc.grad_clip, ema_decay=tc.ema_decay,
                         group=group, compile=tc.compile, grad_accum=tc.grad_accum)
@@ -199,7 +216,7 @@ def train(tc: TrainConfig) -> Path:
             run.save(run.done(step), params=model.export_weights(),
                      ema=ema_to_numpy(ema, model), opt=opt_to_numpy(optimizer, names))
         if run.should_sample(step) and sampler is not None:
-            sampler_model.load_weights({**ema, "pos_embed": model.pos_embed})
+            sampler_model.load_weights(ema_to_numpy(ema, model))
             run.sample_grid(step, sampler.velocity, sampler.asarray, sampler.to_numpy)
     run.finish()
     return run.dir

@@ -95,10 +95,11 @@ class Mlp(nn.Module):
 class Router(nn.Module):
     """One aggregator's parameters: the RMSNorm weight of the keys and the query.
 
-    ``static``: ``w``; ``static_t``: ``w + e(t)``; ``dynamic``: ``W_q v_{l-1}`` per token.
+    ``static``: ``w``; ``static_t``: ``w + e(t)`` (``w + g e(t)`` with ``time_gain``);
+    ``dynamic``: ``W_q v_{l-1}`` per token.
     """
 
-    def __init__(self, hidden: int, query: str, eps: float):
+    def __init__(self, hidden: int, query: str, eps: float, time_gain: bool = False):
         super().__init__()
         self.kind = query
         self.norm = nn.RMSNorm(hidden, eps=eps)  # only its weight is used (folded into q)
@@ -106,12 +107,14 @@ class Router(nn.Module):
             self.query_proj = nn.Linear(hidden, hidden, bias=False)
         else:
             self.query = nn.Parameter(torch.zeros(hidden))
+        self.time_gain = nn.Parameter(torch.ones(1)) if time_gain else None
 
     def raw_query(self, t_emb: Tensor, newest: Tensor) -> Tensor:
         """``q_l(t)``: ``[d]``, ``[B, 1, d]`` or ``[B, T, d]`` (docs/spec.md §3)."""
         if self.kind == "dynamic":
             return router_query(self.kind, t_emb, newest, query_proj=self.query_proj.weight)
-        return router_query(self.kind, t_emb, newest, query=self.query)
+        return router_query(self.kind, t_emb, newest, query=self.query,
+                            time_gain=self.time_gain)
 
 
 def aggregate(state: History | NaiveHistory | ResidualStream, router: Router | None, k: int,
@@ -136,9 +139,9 @@ class DiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=LN_EPS)
         self.mlp = Mlp(d, cfg.mlp_hidden)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
-        dar, eps = cfg.routing.is_dar, cfg.routing.norm_eps
-        self.attn_router = Router(d, cfg.routing.query, eps) if dar else None
-        self.mlp_router = Router(d, cfg.routing.query, eps) if dar else None
+        r = cfg.routing
+        self.attn_router = Router(d, r.query, r.norm_eps, r.time_gain) if r.is_dar else None
+        self.mlp_router = Router(d, r.query, r.norm_eps, r.time_gain) if r.is_dar else None
 
     def forward(self, state, k: int, c: Tensor, t_emb: Tensor, checkpoint: bool) -> None:
         """Sublayers ``k + 1`` (attention) and ``k + 2`` (MLP) of the stream in ``state``."""
@@ -200,8 +203,8 @@ class DARTransformer(nn.Module):
         pos = torch.from_numpy(pos_embed_2d(d, cfg.grid_size).astype(np.float32))[None]
         self.register_buffer("pos_embed", pos)  # [1, T, d], fixed
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
-        self.final_router = (Router(d, cfg.routing.query, cfg.routing.norm_eps)
-                             if cfg.routing.is_dar else None)
+        r = cfg.routing
+        self.final_router = Router(d, r.query, r.norm_eps, r.time_gain) if r.is_dar else None
         self.final_layer = FinalLayer(d, cfg.patch_size, cfg.out_channels)
         self.load_weights(init_params(cfg, seed))
 

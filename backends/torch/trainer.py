@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from dar_core.io.checkpoint import check_optimizer_state
 from dar_core.spec.interpolant import interpolate, velocity_target
-from dar_core.train.run import Run, TrainConfig, env_rank_world, micro_batch
+from dar_core.train.run import Run, TrainConfig, env_rank_world, frozen_names, micro_batch
 from dar_core.train.schedule import warmup_length
 
 from .device import autocast, resolve_device
@@ -128,13 +128,16 @@ def _train(tc: TrainConfig, rank: int, world: int, device: torch.device) -> Path
     run = Run(tc, backend="torch", rank=rank, world=world)
     ckpt = run.resume_checkpoint()
 
+    init = run.initial_weights() if ckpt is None else None
     model = DARTransformer(run.cfg, seed=tc.seed, grad_checkpoint=tc.grad_checkpoint)
-    if ckpt is not None:
-        model.load_weights(ckpt.params)
+    if ckpt is not None or init is not None:
+        model.load_weights(ckpt.params if ckpt is not None else init["params"])
     model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    if ckpt is not None:
-        ema.load_weights(ckpt.weights("ema"))
+    if ckpt is not None or init is not None:
+        ema.load_weights(ckpt.weights("ema") if ckpt is not None else init["ema"])
+    for name in frozen_names(run.cfg, tc):
+        model.get_parameter(name).requires_grad_(False)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     params = list(named.values())
     ema_params = [dict(ema.named_parameters())[n] for n in named]

@@ -18,10 +18,12 @@ def routing_configs(draw, depth: int) -> RoutingConfig:
     mode = draw(st.sampled_from(["residual", "dar", "dar", "dar"]))
     if mode == "residual":
         return RoutingConfig(mode="residual")
+    query = draw(st.sampled_from(["static", "static_t", "dynamic"]))
     return RoutingConfig(
-        query=draw(st.sampled_from(["static", "static_t", "dynamic"])),
+        query=query,
         chunk_size=draw(st.integers(1, 2 * depth + 1)),
         final_aggregator=draw(st.booleans()),
+        time_gain=query == "static_t" and draw(st.booleans()),  # docs/spec.md §3.1
     )
 
 

@@ -11,9 +11,10 @@ from dar_core.conformance.plain_dit import dit_forward
 from dar_core.conformance.report import check, record
 from dar_core.conformance.strategies import batches, model_configs, param_scales, param_seeds
 from dar_core.conformance.tolerances import WELL_CONDITIONED, forward_tol, sensitivity, tol
+from dar_core.pretrained.graft import graft_config, graft_params
 from dar_core.spec.config import RoutingConfig, model_config
 from dar_core.spec.reference import forward
-from dar_core.spec.schema import init_params, random_params
+from dar_core.spec.schema import random_params
 from dar_core.testing import cosine, rel_err
 
 
@@ -70,6 +71,32 @@ def test_loss_and_every_gradient(adapter, oracle, data):
         check("model.grad", adapter.name, err, bound, f"(|g - g64| of {k})")
 
 
+# The time gain (docs/spec.md §3.1) on its own, so every run checks it whatever Hypothesis draws.
+TIME_GAIN = RoutingConfig(query="static_t", chunk_size=3, time_gain=True)
+
+
+def test_time_gain_forward_and_every_gradient(adapter, oracle):
+    cfg = model_config("micro", routing=TIME_GAIN, depth=3)
+    p = random_params(cfg, 21)
+    rng = np.random.default_rng(1)
+    shape = (3, cfg.in_channels, cfg.input_size, cfg.input_size)
+    b = {"x": rng.standard_normal(shape), "noise": rng.standard_normal(shape),
+         "t": np.array([0.0, 0.45, 1.0]), "y": np.array([0, 4, cfg.num_classes])}
+    ref = forward(p, cfg, b["x"], b["t"], b["y"])
+    sens = sensitivity(lambda q, x: forward(q, cfg, x, b["t"], b["y"]), p, b["x"])
+    out = adapter.forward(cfg, p, b["x"], b["t"], b["y"], "float32")
+    check("time_gain.forward", adapter.name, rel_err(out, ref), forward_tol("forward", sens))
+    _, g64 = oracle.loss_and_grads(cfg, p, b, "float64")
+    _, g = adapter.loss_and_grads(cfg, p, b, "float32")
+    g, g64 = trainable(g), trainable(g64)
+    assert sorted(g) == sorted(g64) and sum(k.endswith(".time_gain") for k in g) == 7
+    big = max(float(np.abs(v).max()) for v in g64.values())
+    for k in g64:
+        bound = tol("grad_rtol") * float(np.abs(g64[k]).max()) + tol("grad_atol") * big
+        check("time_gain.grad", adapter.name, float(np.abs(g[k] - g64[k]).max()), bound,
+              f"(|g - g64| of {k})")
+
+
 BF16_CONFIGS = [RoutingConfig(query="static_t", chunk_size=4),
                 RoutingConfig(query="dynamic", chunk_size=1), RoutingConfig(mode="residual")]
 
@@ -107,15 +134,16 @@ def test_residual_mode_is_a_plain_dit(adapter, data):
     check("residual_vs_plain_dit", adapter.name, rel_err(out, ref), tol("forward"))
 
 
-@given(data=st.data(), query=st.sampled_from(["static", "dynamic"]))
+@given(data=st.data(), query=st.sampled_from(["static", "static_t", "dynamic"]))
 def test_dense_zero_query_dar_matches_residual(adapter, data, query):
+    """A residual model grafted onto dense DAR (``graft_params``; ``static_t`` with its time
+    gain at 0, docs/spec.md §3.1) computes the residual function up to the LayerNorm eps."""
     res = data.draw(model_configs(), label="config").replace(
         routing=RoutingConfig(mode="residual"))
-    dar = res.replace(routing=RoutingConfig(query=query, chunk_size=1))
+    dar = graft_config(res, query, 1)
     note(f"config: {dar}")
     p = random_params(res, data.draw(param_seeds))
-    p_dar = dict(p)
-    p_dar.update({k: v for k, v in init_params(dar, dtype=np.float64).items() if "router" in k})
+    p_dar = graft_params(p, res, dar)
     b = data.draw(batches(res))
     out_res = adapter.forward(res, p, b["x"], b["t"], b["y"], "float32")
     out_dar = adapter.forward(dar, p_dar, b["x"], b["t"], b["y"], "float32")

@@ -30,6 +30,8 @@ TINY: dict[str, dict[str, int]] = {
     "tiny": dict(depth=4, hidden_size=64, num_heads=4, patch_size=2, input_size=16),
     "small": dict(depth=6, hidden_size=128, num_heads=4, patch_size=2, input_size=16),
     "micro": dict(depth=2, hidden_size=32, num_heads=2, patch_size=4, input_size=8),
+    # tiny's width at 12 blocks: deep enough for the residual stream's symptoms (depth study)
+    "deep": dict(depth=12, hidden_size=64, num_heads=4, patch_size=2, input_size=16),
 }
 
 # LayerNorm eps (no affine) of every DiT sublayer and of the final layer, in every backend
@@ -46,6 +48,11 @@ class RoutingConfig:
     ``final_aggregator=True`` feeds the final layer from the chunk summaries plus the raw
     outputs of the last chunk; ``False`` (the paper's ablation arm) from the chunk summaries
     alone, the last chunk's summary included.
+
+    ``time_gain=True`` (``static_t`` only) gives every router a learned scalar gain on the
+    timestep term, ``q_l = w_l + g_l e(t)`` (``<router>.time_gain`` ``[1]``): 1 from scratch,
+    0 after a graft onto a pretrained model, so the graft starts function-preserving
+    (docs/spec.md §3.1). Off by default: the paper's ``w_l + e(t)`` with no extra parameter.
     """
 
     mode: str = "dar"
@@ -53,12 +60,17 @@ class RoutingConfig:
     chunk_size: int = 4
     final_aggregator: bool = True
     norm_eps: float = 1e-6
+    time_gain: bool = False
 
     def __post_init__(self) -> None:
         _one_of("routing.mode", self.mode, ROUTING_MODES)
         _one_of("routing.query", self.query, QUERY_VARIANTS)
         _positive_int("routing.chunk_size", self.chunk_size)
         _check_type("routing.final_aggregator", self.final_aggregator, bool)
+        _check_type("routing.time_gain", self.time_gain, bool)
+        if self.time_gain and self.query != "static_t":
+            raise ConfigError(f"routing.time_gain=True needs query='static_t' (the only query "
+                              f"with a timestep term), got query={self.query!r}")
         if not (isinstance(self.norm_eps, float) and 0.0 < self.norm_eps < 1.0):
             raise ConfigError(
                 f"routing.norm_eps must be a float in (0, 1), got {self.norm_eps!r}"

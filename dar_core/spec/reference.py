@@ -65,7 +65,7 @@ def router_query(cfg: ModelConfig, p: dict[str, np.ndarray], prefix: str,
                  t_emb: np.ndarray, prev: np.ndarray) -> np.ndarray:
     """The query of the aggregator whose parameters start with ``prefix`` (docs/spec.md §3)."""
     return routing_query(cfg.routing.query, t_emb, prev, p.get(f"{prefix}.query"),
-                         p.get(f"{prefix}.query_proj.weight"))
+                         p.get(f"{prefix}.query_proj.weight"), p.get(f"{prefix}.time_gain"))
 
 
 @dataclass

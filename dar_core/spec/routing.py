@@ -98,18 +98,22 @@ def route(
 
 
 def router_query(kind: str, t_emb: Any, newest: Any, query: Any = None,
-                 query_proj: Any = None) -> Any:
+                 query_proj: Any = None, time_gain: Any = None) -> Any:
     """An aggregator's query ``q_l(t)`` (docs/spec.md §3), broadcastable to ``[B, T, d]``.
 
     ``static``: ``query`` ``[d]``; ``static_t``: ``query + e(t)`` with ``t_emb = e(t)`` ``[B, d]``
-    -> ``[B, 1, d]``; ``dynamic``: ``newest @ query_proj^T`` per token, ``newest = v_{l-1}``
-    ``[B, T, d]``, ``query_proj`` ``[d, d]``. Written with operators only (``+``, ``@``, ``.T``,
+    -> ``[B, 1, d]``, or ``query + g e(t)`` with the router's ``time_gain`` ``g`` ``[1]`` when
+    the config has one (§3.1; ``None``: no gain, the paper's form, not even a multiply by 1);
+    ``dynamic``: ``newest @ query_proj^T`` per token, ``newest = v_{l-1}`` ``[B, T, d]``,
+    ``query_proj`` ``[d, d]``. Written with operators only (``+``, ``*``, ``@``, ``.T``,
     indexing), so NumPy, torch, JAX and MLX arrays all go through the same code.
     """
     if kind == "static":
         return query  # [d]
     if kind == "static_t":
-        return query + t_emb[:, None, :]  # [B, 1, d]
+        if time_gain is None:
+            return query + t_emb[:, None, :]  # [B, 1, d]
+        return query + time_gain * t_emb[:, None, :]  # [1] * [B, 1, d] -> [B, 1, d]
     if kind == "dynamic":
         return newest @ query_proj.T  # [B, T, d]
     raise ConfigError(f"query must be one of ['static', 'static_t', 'dynamic'], got {kind!r}")

@@ -7,7 +7,8 @@ weights are ``[out, in]``. DAR adds one router per aggregator:
 - ``blocks.{i}.attn_router.*`` feeds sublayer ``2i+1``, ``blocks.{i}.mlp_router.*`` sublayer
   ``2i+2``, ``final_router.*`` the final layer;
 - ``*.norm.weight`` [d] (RMSNorm of the keys), and the query: ``*.query`` [d] for ``static``
-  and ``static_t``, ``*.query_proj.weight`` [d, d] for ``dynamic``.
+  and ``static_t``, ``*.query_proj.weight`` [d, d] for ``dynamic``; ``*.time_gain`` [1] only
+  with ``routing.time_gain`` (``static_t``), so other schemas are unchanged.
 
 ``pos_embed`` [1, T, d] is a fixed sin-cos buffer (not trained), kept in the schema as DiT
 keeps it in its state dict.
@@ -72,6 +73,8 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             s[f"{r}.query_proj.weight"] = (d, d)
         else:
             s[f"{r}.query"] = (d,)
+        if cfg.routing.time_gain:
+            s[f"{r}.time_gain"] = (1,)
     return s
 
 
@@ -114,7 +117,8 @@ def init_params(cfg: ModelConfig, seed: int = 0, dtype: type = np.float32) -> di
     Xavier-uniform Linear and patch-embedding weights with zero biases; N(0, 0.02) label table
     and timestep-MLP weights; zero adaLN modulations and final layer (adaLN-Zero); fixed
     sin-cos ``pos_embed``. Routers: zero query (``query`` or ``query_proj``), RMSNorm weight 1,
-    so routing starts uniform. For ``static_t`` the last timestep Linear is zero as well, so
+    time gain 1 (``routing.time_gain``: the paper's ``w + e(t)`` at init), so routing starts
+    uniform. For ``static_t`` the last timestep Linear is zero as well, so
     the routing query's ``e(t)`` starts at 0.
     """
     rng = np.random.default_rng(seed)
@@ -123,7 +127,8 @@ def init_params(cfg: ModelConfig, seed: int = 0, dtype: type = np.float32) -> di
         if name == "pos_embed":
             v = pos_embed_2d(cfg.hidden_size, cfg.grid_size)[None]
         elif "_router." in name or name.startswith("final_router."):
-            v = np.ones(shape) if name.endswith("norm.weight") else np.zeros(shape)
+            unit = name.endswith(("norm.weight", ".time_gain"))
+            v = np.ones(shape) if unit else np.zeros(shape)
         elif "adaLN_modulation" in name or name.startswith("final_layer.linear"):
             v = np.zeros(shape)
         elif name.startswith("t_embedder.") and name.endswith("weight"):

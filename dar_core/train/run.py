@@ -61,6 +61,7 @@ from dar_core.io.data.procedural import rank_rows
 from dar_core.sampling.samplers import SAMPLERS, sample
 from dar_core.spec.config import ModelConfig, RoutingConfig, model_config
 from dar_core.spec.interpolant import TIME_SAMPLINGS, sample_time
+from dar_core.spec.schema import param_shapes, router_prefixes, trainable_names
 from dar_core.train.schedule import check_schedule, lr_at
 from dar_core.train.writers import FOLDER as TB_FOLDER
 
@@ -75,6 +76,8 @@ class TrainConfig:
     query: str = "static_t"
     chunk_size: int = 4
     final_aggregator: bool = True
+    time_gain: bool = False  # static_t: a learned gain on e(t) in each router (for grafts)
+    init_from: str = ""  # a dar checkpoint of the same architecture, routing added or changed
     # data
     data: str = "procedural"  # or a folder of shards (dar prepare's output, or npz/safetensors)
     image_size: int = 16
@@ -114,6 +117,7 @@ class TrainConfig:
     precision: str = "fp32"
     compile: bool = False
     grad_checkpoint: bool = False
+    freeze_routing: bool = False  # routers stay at their init (zero query: uniform routing)
     device: str = "auto"
     progress: bool = True
     tensorboard: bool = True  # event files in <out>/tensorboard
@@ -159,7 +163,7 @@ class TrainConfig:
         if isinstance(self.holdout, bool) or not isinstance(self.holdout, int) \
                 or self.holdout < 0:
             raise ConfigError(f"holdout must be an integer >= 0, got {self.holdout!r}")
-        for f in ("ema_warmup", "overwrite", "tensorboard", "flip"):
+        for f in ("ema_warmup", "overwrite", "tensorboard", "flip", "freeze_routing"):
             if not isinstance(getattr(self, f), bool):
                 raise ConfigError(f"{f} must be a bool, got {getattr(self, f)!r}")
         self.model_config()  # validates model and routing fields
@@ -185,7 +189,7 @@ class TrainConfig:
 
     def model_config(self) -> ModelConfig:
         routing = RoutingConfig(mode=self.routing, query=self.query, chunk_size=self.chunk_size,
-                                final_aggregator=self.final_aggregator)
+                                final_aggregator=self.final_aggregator, time_gain=self.time_gain)
         channels = 3 if self.data == "procedural" else None
         overrides: dict[str, Any] = dict(input_size=self.image_size, num_classes=self.num_classes)
         if channels is not None:
@@ -247,6 +251,22 @@ class TrainStream:
         y = np.where(drop[sl], self.null_class, y).astype(np.int64)
         return {"x": np.ascontiguousarray(x, dtype=np.float32), "y": y, "t": t[sl],
                 "noise": noise[sl]}
+
+
+def frozen_names(cfg: ModelConfig, tc: TrainConfig) -> list[str]:
+    """Parameters a run keeps at their initial values besides the fixed buffers: with
+    ``freeze_routing`` every router parameter (a zero query routes uniformly: the control arm
+    of "is it the learned routing?")."""
+    if not tc.freeze_routing:
+        return []
+    prefixes = tuple(p + "." for p in router_prefixes(cfg))
+    return [n for n in param_shapes(cfg) if n.startswith(prefixes)]
+
+
+def trained_names(cfg: ModelConfig, tc: TrainConfig) -> list[str]:
+    """The parameters the optimizer updates (and the EMA averages), in schema order."""
+    frozen = set(frozen_names(cfg, tc))
+    return [n for n in trainable_names(cfg) if n not in frozen]
 
 
 def micro_batch(batch: dict[str, Any], j: int, k: int) -> dict[str, Any]:
@@ -358,6 +378,24 @@ class Run:
 
                 self._writer = TensorBoardWriter(self.dir, self.start_step)
         return ckpt
+
+    def initial_weights(self) -> dict[str, dict[str, np.ndarray]] | None:
+        """``{"params", "ema"}`` of a fresh run started from ``init_from``: that checkpoint's
+        weights grafted onto this run's routing (``dar_core.pretrained.graft``; a residual
+        model grafted densely keeps its function), or None without ``init_from``. A resumed
+        run ignores it: its own checkpoint comes first."""
+        if not self.tc.init_from:
+            return None
+        from dar_core.pretrained.graft import graft_params
+
+        src = load_checkpoint(self.tc.init_from)
+        notes: list[str] = []
+        params = graft_params(src.params, src.config, self.cfg, notes)
+        ema = graft_params(src.ema, src.config, self.cfg) if src.ema is not None else params
+        if self.is_main:
+            print(f"init from {self.tc.init_from} (step {src.meta.get('step')}): "
+                  + "; ".join(notes), file=sys.stderr)
+        return {"params": params, "ema": ema}
 
     def _find_resume(self) -> Checkpoint | None:
         if not self.tc.resume:

@@ -1,0 +1,114 @@
+"""The depth study's statistics and report (``benchmarks/README.md``, "Depth study"): paired
+log-FD ratios with t intervals and exact sign-flip permutation p-values, the decision rules,
+and whatever phase the study has reached."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+
+def t_interval(x: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of ``x`` and its two-sided t interval (n - 1 degrees of freedom)."""
+    from scipy import stats
+
+    x = np.asarray(x, dtype=np.float64)
+    m = float(x.mean())
+    if len(x) < 2:
+        return m, float("-inf"), float("inf")
+    half = float(stats.t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+    return m, m - half, m + half
+
+
+def sign_flip_p(x: np.ndarray) -> float:
+    """Exact two-sided permutation p-value of a zero mean: the share of the 2^n sign flips of
+    the paired differences whose |mean| is at least the observed one."""
+    x = np.asarray(x, dtype=np.float64)
+    obs = abs(x.mean())
+    flips = [abs(np.mean(x * np.array(s))) for s in itertools.product((1, -1), repeat=len(x))]
+    return float(np.mean([f >= obs - 1e-12 for f in flips]))
+
+
+def paired(final: dict[tuple[str, int], float], arm: str, base: str) -> dict:
+    """Per-seed ``log(FD_arm / FD_base)`` over the seeds both have, with the interval as a
+    ratio and the permutation p-value."""
+    seeds = sorted(s for (a, s) in final if a == arm and (base, s) in final)
+    d = np.array([math.log(final[(arm, s)] / final[(base, s)]) for s in seeds])
+    if not len(d):
+        return {"seeds": [], "n": 0}
+    m, lo, hi = t_interval(d)
+    return {"seeds": seeds, "n": len(d), "log_ratios": d.tolist(), "ratio": math.exp(m),
+            "ci95": [math.exp(lo), math.exp(hi)], "p_sign_flip": sign_flip_p(d)}
+
+
+def decisions(primary: dict[str, dict], static_vs_uniform: dict) -> dict[str, str]:
+    """The pre-registered rules, applied to whatever the study measured."""
+    st = primary.get("static_t c4", {})
+    out = {}
+    if st.get("n", 0) >= 2:
+        better = st["ci95"][1] < 1
+        out["DAR is better at depth"] = "yes" if better else "not shown (interval reaches 1)"
+        if better:
+            ok = static_vs_uniform.get("n", 0) >= 2 and static_vs_uniform["ci95"][1] < 1
+            out["learned routing matters"] = "yes" if ok else \
+                "not shown (static_t vs uniform c4 interval reaches 1)"
+        else:
+            out["learned routing matters"] = "not tested (the first rule does not hold)"
+    return out
+
+
+def _final_evals(runs: Path, name: str) -> dict[tuple[str, int], float]:
+    out = {}
+    for log in runs.glob("*-seed*/final-evals.jsonl"):
+        for r in map(json.loads, log.read_text().splitlines()):
+            if r["eval"] == name:
+                out[(r["arm"], int(r["seed"]))] = float(r["fd"])
+    return out
+
+
+def report(out: Path, runs: Path) -> dict:
+    """``depth.json`` and ``depth.md`` for the phase the study is in."""
+    pilot_path = out / "pilot.json"
+    doc: dict = {"pilot": json.loads(pilot_path.read_text()) if pilot_path.exists() else None}
+    lines = ["# Depth study (pre-registered: benchmarks/README.md, \"Depth study\")", ""]
+    if doc["pilot"] is None:
+        lines.append("The pilot has not finished: no decision yet "
+                     "(`python -m benchmarks.depth_study pilot`).")
+    else:
+        d = doc["pilot"]["decision"]
+        lines += [f"Pilot outcome: **{d['outcome']}**.", "",
+                  "| lr | step | FD | class acc | last-octave slope | meets rule |",
+                  "|---|---|---|---|---|---|"]
+        for lr, v in d["per_lr"].items():
+            lines += [f"| {lr} | {r['step']} | {r['fd']:.2f} | {r['class_accuracy']:.3f} | "
+                      f"{r['octave_slope']:.3f} | {'yes' if r['meets_rule'] else 'no'} |"
+                      for r in v["rows"]]
+        if "symptoms" in d:
+            lines += ["", f"Residual symptoms at B: {d['symptoms']}"]
+    for name in ("x3-seed0", "x3-seed1"):
+        final = _final_evals(runs, name)
+        if not final:
+            continue
+        prim = {arm: paired(final, arm, "residual") for arm in sorted({a for a, _ in final})
+                if arm != "residual"}
+        svu = paired(final, "static_t c4", "uniform c4")
+        doc[name] = {"vs_residual": prim, "static_t_vs_uniform": svu,
+                     "decisions": decisions(prim, svu)}
+        lines += ["", f"## Final FD ratios at B ({name})", "",
+                  "| arm | seeds | FD ratio vs residual | 95% CI | sign-flip p |",
+                  "|---|---|---|---|---|"]
+        for arm, v in {**prim, "static_t c4 / uniform c4": svu}.items():
+            if v["n"]:
+                lines.append(f"| {arm} | {v['n']} | {v['ratio']:.3f} | "
+                             f"[{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] | "
+                             f"{v['p_sign_flip']:.3f} |")
+        lines += [f"- {k}: **{v}**" for k, v in doc[name]["decisions"].items()]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "depth.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (out / "depth.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out / 'depth.md'}")
+    return doc

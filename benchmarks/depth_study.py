@@ -1,0 +1,225 @@
+"""Does DAR pay off at depth, and is it the learned routing? The pre-registered study of
+``benchmarks/README.md`` ("Depth study"), in resumable phases:
+
+    python -m benchmarks.depth_study pilot            # residual lr 1e-3 / 2e-3 to the cap
+    python -m benchmarks.depth_study arms             # the four arms at the pilot's lr and B
+    python -m benchmarks.depth_study analyze          # tables, decision rules, plots
+    python -m benchmarks.depth_study save-state       # copy what continuing needs into results
+
+Every phase continues where a killed one stopped (each run trains in segments from its own
+checkpoint and logs its evaluations). ``save-state`` copies each run's ``evals.jsonl`` and
+newest checkpoint to ``results/depth/state/`` so a later session continues from the commit
+(``restore-state`` puts them back under ``--runs``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import multiprocessing
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import RESULTS, machine
+from benchmarks.convergence import eval_steps, segmented_run
+from dar_core.train.run import TrainConfig
+
+BASE = TrainConfig(model="deep", image_size=16, num_classes=24, batch_size=64, lr=1e-3,
+                   ema_decay=0.999, ema_warmup=True, per_class=4, sample_steps=16,
+                   keep_checkpoints=20, progress=False, device="cpu")
+PROTOCOL = dict(n_per_class=20, sampler="heun", steps=25, cfg_scale=1.0, seed=0)
+FINAL_PROTOCOLS = {"x3-seed0": dict(PROTOCOL, n_per_class=60, seed=0),
+                   "x3-seed1": dict(PROTOCOL, n_per_class=60, seed=1)}
+PILOT_LRS = (1e-3, 2e-3)
+CAP = 16_000
+PILOT_STEPS = eval_steps(CAP, 13)  # 16000 / sqrt(2)^k, k = 0..12
+MIN_B, MIN_ACC, MAX_SLOPE = 1000, 0.5, -0.25
+ARMS = {  # name -> (TrainConfig fields, seeds)
+    "residual": (dict(routing="residual"), (0, 1, 2, 3)),
+    "static_t c4": (dict(routing="dar", query="static_t", chunk_size=4), (0, 1, 2, 3)),
+    "uniform c4": (dict(routing="dar", query="static", chunk_size=4, freeze_routing=True),
+                   (0, 1, 2, 3)),
+    "dynamic c4": (dict(routing="dar", query="dynamic", chunk_size=4), (0, 1)),
+}
+OUT = RESULTS / "depth"
+
+
+def run_dir(runs: Path, name: str, seed: int, lr: float | None = None) -> Path:
+    tag = name.replace(" ", "-") + (f"-lr{lr:g}" if lr is not None else "")
+    return runs / f"{tag}-seed{seed}"
+
+
+# Pilot ----------------------------------------------------------------------------------------
+def octave_slope(records: list[dict], n: int) -> float:
+    """Least-squares slope of log FD on log step over the evaluations in ``[n/2, n]``."""
+    pts = [(r["step"], r["fd"]) for r in records if n / 2 <= r["step"] <= n]
+    if len(pts) < 2:
+        return float("nan")
+    s, f = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
+    return float(np.polyfit(s, f, 1)[0])
+
+
+def pilot_budget(records: list[dict]) -> dict:
+    """The pre-registered rule for one lr: the smallest evaluated ``n >= MIN_B`` with class
+    accuracy >= MIN_ACC and a last-octave FD slope flatter than MAX_SLOPE (None if none)."""
+    rows = []
+    for r in sorted(records, key=lambda r: r["step"]):
+        slope = octave_slope(records, r["step"])
+        ok = r["step"] >= MIN_B and r["class_accuracy"] >= MIN_ACC and slope > MAX_SLOPE
+        rows.append({"step": r["step"], "fd": r["fd"], "class_accuracy": r["class_accuracy"],
+                     "octave_slope": slope, "meets_rule": bool(ok)})
+    met = [row["step"] for row in rows if row["meets_rule"]]
+    return {"B": met[0] if met else None, "rows": rows,
+            "evaluated_to": rows[-1]["step"] if rows else 0}
+
+
+def pilot_decision(by_lr: dict[float, list[dict]]) -> dict:
+    """lr and B of the study: the lr with the smaller B (the lower lr on a tie)."""
+    per_lr = {lr: pilot_budget(recs) for lr, recs in sorted(by_lr.items())}
+    ok = [(v["B"], lr) for lr, v in per_lr.items() if v["B"] is not None]
+    done = all(v["evaluated_to"] >= CAP for v in per_lr.values())
+    if ok:
+        B, lr = min(ok)
+        outcome = f"lr {lr:g}, B = {B} steps"
+    else:
+        B, lr = None, None
+        outcome = ("no lr meets the rule by the cap: the arms do not run at this preset"
+                   if done else "pilot incomplete: no lr meets the rule yet")
+    return {"lr": lr, "B": B, "complete": done or bool(ok), "outcome": outcome,
+            "per_lr": {f"{k:g}": v for k, v in per_lr.items()}}
+
+
+def symptoms_present(diag: dict) -> dict:
+    """The pre-registered symptom check on ``dar diagnose``'s result for the residual at B."""
+    per_t = diag["models"][0]["per_t"]
+    cos = [float(np.mean(p["cosine"])) for p in per_t]
+    grows = []
+    for p in per_t:
+        g = p["grad_rms"]
+        pairs = [b > a for a, b in zip(g, g[1:])]
+        grows.append(sum(pairs) / len(pairs) if pairs else 0.0)
+    ok = all(c > 0.9 for c in cos) and all(f >= 0.8 for f in grows)
+    return {"mean_cosine_per_t": cos, "grad_growth_fraction_per_t": grows, "present": ok}
+
+
+def _pilot_job(lr: float, runs: str) -> list[dict]:
+    return segmented_run(BASE.replace(routing="residual", lr=lr, seed=0),
+                         run_dir(Path(runs), "pilot-residual", 0, lr), PILOT_STEPS, PROTOCOL,
+                         "torch", dict(arm="residual", seed=0, lr=lr))
+
+
+def pilot(args: argparse.Namespace) -> None:
+    by_lr = _parallel([(lr, args.runs) for lr in PILOT_LRS], _pilot_job, args.jobs,
+                      keys=PILOT_LRS)
+    decision = pilot_decision(by_lr)
+    if decision["B"] is not None:
+        from dar_core.diagnostics.symptoms import diagnose
+
+        ck = run_dir(Path(args.runs), "pilot-residual", 0, decision["lr"]) / "checkpoints" / \
+            f"ckpt-{decision['B']:07d}.safetensors"
+        decision["symptoms"] = symptoms_present(diagnose([str(ck)], backend="torch"))
+    _write(OUT / "pilot.json", {"decision": decision, "protocol": PROTOCOL, "cap": CAP,
+                                "lrs": PILOT_LRS, "machine": machine(),
+                                "command": "python -m benchmarks.depth_study pilot"})
+    print(decision["outcome"])
+
+
+# Arms -----------------------------------------------------------------------------------------
+def _arm_job(arm: str, seed: int, lr: float, B: int, runs: str) -> list[dict]:
+    fields, _ = ARMS[arm]
+    tc = BASE.replace(**fields, lr=lr, seed=seed)
+    out = run_dir(Path(runs), arm, seed)
+    steps = sorted({B // 2**k for k in range(6)})
+    records = segmented_run(tc, out, steps, PROTOCOL, "torch", dict(arm=arm, seed=seed))
+    from dar_core.evaluation.protocol import evaluate_checkpoint
+
+    log = out / "final-evals.jsonl"
+    done = {json.loads(x)["eval"] for x in log.read_text().splitlines()} if log.exists() else set()
+    ck = out / "checkpoints" / f"ckpt-{B:07d}.safetensors"
+    for name, proto in FINAL_PROTOCOLS.items():
+        if name not in done:
+            r = evaluate_checkpoint(ck, backend="torch", **proto, device="cpu")
+            r.update(arm=arm, seed=seed, step=B, eval=name)
+            with open(log, "a") as f:
+                f.write(json.dumps(r) + "\n")
+    return records
+
+
+def arms(args: argparse.Namespace) -> None:
+    decision = json.loads((OUT / "pilot.json").read_text())["decision"]
+    sym = decision.get("symptoms", {})
+    if decision["B"] is None or not sym.get("present"):
+        sys.exit(f"the pilot does not let the arms run: {decision['outcome']}; symptoms "
+                 f"{sym or 'not measured'}")
+    jobs = [(a, s, decision["lr"], decision["B"], args.runs)
+            for a, (_, seeds) in ARMS.items() for s in seeds]
+    _parallel(jobs, _arm_job, args.jobs)
+    print("arms done; run `python -m benchmarks.depth_study analyze`")
+
+
+# State ----------------------------------------------------------------------------------------
+def save_state(args: argparse.Namespace) -> None:
+    """Each run's logs and newest checkpoint -> results/depth/state (what continuing needs)."""
+    for run in sorted(Path(args.runs).glob("*-seed*")):
+        dst = OUT / "state" / run.name
+        (dst / "checkpoints").mkdir(parents=True, exist_ok=True)
+        for name in ("evals.jsonl", "final-evals.jsonl", "metrics.jsonl", "config.json"):
+            if (run / name).exists():
+                shutil.copy2(run / name, dst / name)
+        ckpts = sorted((run / "checkpoints").glob("ckpt-*.safetensors"))
+        for old in (dst / "checkpoints").glob("ckpt-*.safetensors"):
+            old.unlink()
+        if ckpts:
+            shutil.copy2(ckpts[-1], dst / "checkpoints" / ckpts[-1].name)
+        print(f"saved {run.name}: {len(ckpts)} checkpoint(s) there, newest kept")
+
+
+def restore_state(args: argparse.Namespace) -> None:
+    for src in sorted((OUT / "state").glob("*-seed*")):
+        dst = Path(args.runs) / src.name
+        if dst.exists():
+            print(f"{dst} exists: left as it is")
+            continue
+        shutil.copytree(src, dst)
+        print(f"restored {dst}")
+
+
+# Helpers --------------------------------------------------------------------------------------
+def _parallel(jobs: list[tuple], fn, workers: int, keys: tuple | None = None):
+    ctx = multiprocessing.get_context("spawn")
+    out = {}
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        futures = {pool.submit(fn, *job): (keys[i] if keys else job[:2])
+                   for i, job in enumerate(jobs)}
+        for fut in cf.as_completed(futures):
+            out[futures[fut]] = fut.result()
+    return out
+
+
+def _write(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("phase", choices=("pilot", "arms", "analyze", "save-state",
+                                      "restore-state"))
+    ap.add_argument("--runs", default="runs/depth")
+    ap.add_argument("--jobs", type=int, default=2, help="runs trained at once (1 thread each)")
+    args = ap.parse_args(argv)
+    if args.phase == "analyze":
+        from benchmarks.depth_analysis import report
+
+        report(OUT, Path(args.runs))
+        return
+    {"pilot": pilot, "arms": arms, "save-state": save_state,
+     "restore-state": restore_state}[args.phase](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""The depth study's pre-registered rules and statistics, on numbers whose answer is known."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from benchmarks.depth_analysis import decisions, paired, sign_flip_p, t_interval
+from benchmarks.depth_study import (
+    PILOT_STEPS,
+    octave_slope,
+    pilot_budget,
+    pilot_decision,
+    symptoms_present,
+)
+
+
+def _curve(slope_until: int, acc_at: int, steps=PILOT_STEPS) -> list[dict]:
+    """FD falling as step^-1 up to ``slope_until``, flat after; accuracy 0.6 from ``acc_at``."""
+    return [{"step": n, "fd": 100.0 * min(n, slope_until) ** -1.0,
+             "class_accuracy": 0.6 if n >= acc_at else 0.3} for n in steps]
+
+
+def test_octave_slope_is_the_log_log_fit_over_the_last_octave():
+    recs = [{"step": n, "fd": 5.0 * n ** -0.4} for n in (500, 707, 1000, 1414, 2000)]
+    assert octave_slope(recs, 2000) == pytest.approx(-0.4)
+    assert math.isnan(octave_slope(recs[:1], 500))
+
+
+def test_the_pilot_rule_picks_the_first_step_that_meets_it():
+    # steep until 4000 (slope -1), flat after: the first n whose octave is flat enough
+    recs = _curve(slope_until=4000, acc_at=2000)
+    got = pilot_budget(recs)
+    flat = [r["step"] for r in got["rows"] if r["octave_slope"] > -0.25 and r["step"] >= 2000]
+    assert got["B"] == min(flat) and got["B"] > 4000
+    assert pilot_budget(_curve(slope_until=10**9, acc_at=0))["B"] is None  # never flattens
+
+
+def test_the_pilot_decision_prefers_the_smaller_budget_then_the_lower_lr():
+    fast, slow = _curve(2000, 1000), _curve(8000, 1000)
+    d = pilot_decision({1e-3: slow, 2e-3: fast})
+    assert d["lr"] == 2e-3 and d["B"] == pilot_budget(fast)["B"]
+    tie = pilot_decision({1e-3: fast, 2e-3: fast})
+    assert tie["lr"] == 1e-3
+    none = pilot_decision({1e-3: _curve(10**9, 0), 2e-3: _curve(10**9, 0)})
+    assert none["B"] is None and "no lr meets the rule by the cap" in none["outcome"]
+
+
+def test_symptom_check():
+    def diag(cos, grads):
+        return {"models": [{"per_t": [{"cosine": cos, "grad_rms": grads}] * 3}]}
+    assert symptoms_present(diag([0.95] * 11, list(range(1, 13))))["present"]
+    assert not symptoms_present(diag([0.85] * 11, list(range(1, 13))))["present"]
+    assert not symptoms_present(diag([0.95] * 11, list(range(12, 0, -1))))["present"]
+
+
+def test_t_interval_and_exact_sign_flip_p():
+    x = np.array([-0.2, -0.1, -0.15, -0.05])
+    m, lo, hi = t_interval(x)
+    half = 3.182446305284263 * x.std(ddof=1) / 2  # t_{0.975, 3}
+    assert (m, lo, hi) == pytest.approx((-0.125, -0.125 - half, -0.125 + half))
+    assert sign_flip_p(x) == pytest.approx(2 / 16)  # only all-negative and all-positive
+    assert sign_flip_p(np.array([0.1, -0.1])) == 1.0
+
+
+def test_paired_ratios_and_the_decision_rules():
+    final = {("residual", s): 10.0 for s in range(4)}
+    final |= {("static_t c4", s): 10.0 * f for s, f in enumerate([0.8, 0.82, 0.79, 0.81])}
+    final |= {("uniform c4", s): 10.0 * f for s, f in enumerate([0.9, 0.93, 0.88, 0.91])}
+    st = paired(final, "static_t c4", "residual")
+    assert st["n"] == 4 and st["ratio"] == pytest.approx(math.exp(np.mean(np.log(
+        [0.8, 0.82, 0.79, 0.81]))))
+    svu = paired(final, "static_t c4", "uniform c4")
+    d = decisions({"static_t c4": st}, svu)
+    assert d == {"DAR is better at depth": "yes", "learned routing matters": "yes"}
+    worse = {**final, ("static_t c4", 0): 12.0}
+    d2 = decisions({"static_t c4": paired(worse, "static_t c4", "residual")}, svu)
+    assert d2["DAR is better at depth"].startswith("not shown")
