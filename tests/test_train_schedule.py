@@ -210,3 +210,29 @@ def test_a_bad_config_file_is_one_line(tmp_path, capsys, text, message):
     assert main(["train", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("dar train: error: ") and message in err and "\n" not in err, err
+
+
+def test_wandb_logs_the_run_and_a_resume_continues_it(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")  # no network here: W&B's offline mode
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    tc = BASE.replace(steps=2, ckpt_every=2, wandb="dar-tests", out=str(tmp_path / "run"))
+    run = load_backend("torch").train(tc)
+    run_id = (run / "wandb-id").read_text().strip()
+    load_backend("torch").train(tc.replace(steps=4, ckpt_every=2, resume="auto"))
+    assert (run / "wandb-id").read_text().strip() == run_id  # the same W&B run
+    logs = sorted((run / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert len(logs) == 2
+    assert all(b"train/loss" in p.read_bytes() and b"grad_accum" in p.read_bytes()
+               for p in logs)  # scalars and the run's config
+
+
+def test_wandb_asked_for_but_not_installed_is_one_line(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    from dar_core.train.writers import WandbWriter
+
+    with pytest.raises(ConfigError, match="wandb='p' needs the wandb package"):
+        WandbWriter(tmp_path, "p", {}, 0)

@@ -64,6 +64,7 @@ from dar_core.spec.interpolant import TIME_SAMPLINGS, sample_time
 from dar_core.spec.schema import param_shapes, router_prefixes, trainable_names
 from dar_core.train.schedule import check_schedule, lr_at
 from dar_core.train.writers import FOLDER as TB_FOLDER
+from dar_core.train.writers import WANDB_ID
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,7 @@ class TrainConfig:
     device: str = "auto"
     progress: bool = True
     tensorboard: bool = True  # event files in <out>/tensorboard
+    wandb: str = ""  # a Weights & Biases project to log to (empty: off)
     overwrite: bool = False  # a fresh run may replace the run already in ``out``
 
     def __post_init__(self) -> None:
@@ -308,7 +310,7 @@ class Run:
         self._lock: RunLock | None = None
         self._signal: str | None = None  # the name of a stop signal received
         self._stop_step: int | None = None  # the step whose end saves and stops
-        self._writer: Any = None  # TensorBoard, opened once the start step is known
+        self._writers: list[Any] = []  # TensorBoard, W&B: opened once the start is known
         self._decoder: Any = None  # the data's VAE, loaded at the first latent sample grid
         if self.is_main:
             self._claim()
@@ -334,6 +336,7 @@ class Run:
                 (self.dir / name).unlink(missing_ok=True)
             if (self.dir / TB_FOLDER).is_dir():
                 shutil.rmtree(self.dir / TB_FOLDER)
+            (self.dir / WANDB_ID).unlink(missing_ok=True)  # a new run, a new W&B run
             if self.sample_dir.is_dir():
                 for png in self.sample_dir.glob("step-*.png"):
                     png.unlink()
@@ -373,10 +376,13 @@ class Run:
                           f"above {self.start_step} to continue the run)", file=sys.stderr)
         if self.is_main:
             self._write_config()
-            if self.tc.tensorboard:
-                from dar_core.train.writers import TensorBoardWriter
+            from dar_core.train.writers import TensorBoardWriter, WandbWriter
 
-                self._writer = TensorBoardWriter(self.dir, self.start_step)
+            if self.tc.tensorboard:
+                self._writers.append(TensorBoardWriter(self.dir, self.start_step))
+            if self.tc.wandb:
+                self._writers.append(WandbWriter(self.dir, self.tc.wandb, self.tc.to_dict(),
+                                                 self.start_step))
         return ckpt
 
     def initial_weights(self) -> dict[str, dict[str, np.ndarray]] | None:
@@ -491,9 +497,7 @@ class Run:
         """Close the progress bar of a run that stops early; its newest checkpoint, if any."""
         if self._bar is not None:
             self._bar.close()
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        self._close_writers()
         kept = self.checkpoints()
         return kept[-1] if kept else None
 
@@ -557,9 +561,9 @@ class Run:
                "img_per_s": img_s, "time": time.time(), **{k: float(v) for k, v in extra.items()}}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
-        if self._writer is not None:
-            self._writer.scalars(n, {k: v for k, v in rec.items()
-                                     if k not in ("step", "time") and math.isfinite(v)})
+        for w in self._writers:
+            w.scalars(n, {k: v for k, v in rec.items()
+                          if k not in ("step", "time") and math.isfinite(v)})
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{img_s:.0f}")
 
@@ -608,12 +612,15 @@ class Run:
     def finish(self) -> None:
         if self._bar is not None:
             self._bar.close()
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        self._close_writers()
         self.plot()
         if self._lock is not None:
             self._lock.release()
+
+    def _close_writers(self) -> None:
+        for w in self._writers:
+            w.close()
+        self._writers = []
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop records past ``step`` left by a run that died after its last checkpoint, and

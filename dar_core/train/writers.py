@@ -1,6 +1,6 @@
 """Where a run's scalars go besides ``metrics.jsonl``: TensorBoard event files, written by one
 writer (tensorboardX) for every backend, so a torch, JAX or MLX run looks the same in
-TensorBoard.
+TensorBoard; and Weights & Biases when asked for (``wandb = "project"``) and installed.
 
 The events live in ``<run>/tensorboard``. A resumed run starts a new event file with
 ``purge_step`` at its first step, so TensorBoard drops what the interrupted run logged past
@@ -9,12 +9,14 @@ its last checkpoint: the curves show one run, as ``metrics.jsonl`` does.
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 from typing import Any
 
 from dar_core.errors import ConfigError
 
 FOLDER = "tensorboard"
+WANDB_ID = "wandb-id"  # the W&B run of this folder, so a resumed run continues it
 
 
 class TensorBoardWriter:
@@ -37,3 +39,30 @@ class TensorBoardWriter:
 
     def close(self) -> None:
         self._w.close()
+
+
+class WandbWriter:
+    """The run's config and scalars in a W&B run of ``project``; ``WANDB_MODE`` and the other
+    W&B environment variables apply (``offline`` on a machine without network). The W&B run
+    id lives in the run folder, so a resumed run logs into the same W&B run."""
+
+    def __init__(self, run_dir: Path, project: str, config: dict[str, Any], start_step: int):
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError(f"wandb={project!r} needs the wandb package (pip install wandb), "
+                              "or leave --wandb empty") from None
+        id_file = Path(run_dir) / WANDB_ID
+        if start_step and id_file.exists():
+            run_id = id_file.read_text().strip()
+        else:
+            run_id = secrets.token_hex(6)  # W&B ids: lower-case letters and digits
+            id_file.write_text(run_id + "\n")
+        self._run = wandb.init(project=project, dir=str(run_dir), config=config, id=run_id,
+                               resume="allow", name=Path(run_dir).name)
+
+    def scalars(self, step: int, values: dict[str, Any]) -> None:
+        self._run.log({f"train/{k}": float(v) for k, v in values.items()}, step=step)
+
+    def close(self) -> None:
+        self._run.finish()
