@@ -162,10 +162,10 @@ def arms(args: argparse.Namespace) -> None:
 
 
 # State ----------------------------------------------------------------------------------------
-def save_state(args: argparse.Namespace) -> None:
-    """Each run's logs and newest checkpoint -> results/depth/state (what continuing needs)."""
+def save_state(args: argparse.Namespace, out: Path = OUT) -> None:
+    """Each run's logs and newest checkpoint -> ``out/state`` (what continuing needs)."""
     for run in sorted(Path(args.runs).glob("*-seed*")):
-        dst = OUT / "state" / run.name
+        dst = out / "state" / run.name
         (dst / "checkpoints").mkdir(parents=True, exist_ok=True)
         for name in ("evals.jsonl", "final-evals.jsonl", "metrics.jsonl", "config.json"):
             if (run / name).exists():
@@ -178,8 +178,8 @@ def save_state(args: argparse.Namespace) -> None:
         print(f"saved {run.name}: {len(ckpts)} checkpoint(s) there, newest kept")
 
 
-def restore_state(args: argparse.Namespace) -> None:
-    for src in sorted((OUT / "state").glob("*-seed*")):
+def restore_state(args: argparse.Namespace, out: Path = OUT) -> None:
+    for src in sorted((out / "state").glob("*-seed*")):
         dst = Path(args.runs) / src.name
         if dst.exists():
             print(f"{dst} exists: left as it is")
