@@ -82,6 +82,14 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
                     "manifest's path is not on this machine")
     sp.add_argument("--decode", action=argparse.BooleanOptionalAction, default=True,
                     help="decode the samples of a latent model with its data's VAE")
+    sp.add_argument("--num-samples", type=int, default=None,
+                    help="bulk mode for FID: sample N images into --npz (ADM's uint8 NHWC "
+                         "arr_0), one or many processes (torchrun, JAX, mlx.launch), resumable")
+    sp.add_argument("--npz", default=None, help="output of --num-samples (OUT.npz)")
+    sp.add_argument("--batch-size", type=int, default=64,
+                    help="images per batch and per resumable part with --num-samples")
+    sp.add_argument("--class-labels", choices=("balanced", "random"), default="balanced",
+                    help="with --num-samples: label i %% num_classes, or a per-index draw")
     dg = sub.add_parser("diagnose", help="state/gradient magnitudes, redundancy, routing maps")
     dg.add_argument("--checkpoint", action="append", required=True,
                     help="repeat to compare checkpoints (e.g. residual vs DAR)")
@@ -104,6 +112,17 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     ev.add_argument("--force", action="store_true",
                     help="score a checkpoint trained on other data than the procedural set")
 
+    fd = sub.add_parser("fid", help="FID / sFID / IS / precision-recall of an ADM-format "
+                                     "sample npz (InceptionV3 from a local weights file)")
+    fd.add_argument("samples", help="npz with arr_0 uint8 [N, H, W, 3] (dar sample --npz)")
+    fd.add_argument("--ref", required=True, help="reference npz: ADM's reference batch "
+                    "(mu, sigma, mu_s, sigma_s, arr_0) or any arr_0 image npz")
+    fd.add_argument("--inception", default=None, help="FID InceptionV3 weights "
+                    "(pt_inception-2015-12-05-6726825d.pth; default: $DAR_INCEPTION_WEIGHTS "
+                    "or ~/.cache/dar/)")
+    fd.add_argument("--device", default="auto")
+    fd.add_argument("--batch-size", type=int, default=100, help="Inception batch size")
+    fd.add_argument("--out", default=None, help="write the results as JSON here")
     cf = sub.add_parser("conformance", help="check that the installed backends agree with the "
                                             "float64 reference and each other, on this machine")
     cf.add_argument("--backends", default=os.environ.get("DAR_BACKENDS") or ",".join(BACKENDS),
@@ -177,6 +196,13 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
+    if args.num_samples is not None:
+        from dar_core.sampling.bulk import cmd_sample_npz
+
+        return cmd_sample_npz(args)
+    if args.npz:
+        raise DARError("--npz is the output of --num-samples N; give both (or --save-npz "
+                       "for the raw samples of a PNG grid)")
     from dar_core.sampling.from_checkpoint import sample_checkpoint
 
     out = args.out or str(Path(args.checkpoint).with_suffix("")) + f"-{args.sampler}.png"
@@ -206,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
             args = build_parser(values).parse_args(argv)
         commands = {"train": cmd_train, "sample": cmd_sample, "diagnose": cmd_diagnose,
                     "eval": cmd_eval, "conformance": cmd_conformance, **PRETRAINED_COMMANDS}
+        from dar_core.evaluation.fid import cmd_fid
+
+        commands["fid"] = cmd_fid
         from dar_core.io.data.prepare import cmd_prepare
 
         commands["prepare"] = cmd_prepare

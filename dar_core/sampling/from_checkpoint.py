@@ -1,18 +1,88 @@
-"""Sampling a checkpoint with any backend: the same noise and labels everywhere."""
+"""Sampling a checkpoint with any backend: the same noise and labels everywhere.
+
+:class:`SamplingSetup` holds the pieces one run needs (checkpoint, velocity model, the data's
+VAE decoder); :func:`sample_checkpoint` (PNG grids, ``dar eval``) and
+:mod:`dar_core.sampling.bulk` (``dar sample --num-samples``) both integrate through it."""
 
 from __future__ import annotations
 
 import math
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from dar_core.backend import load_backend
+from dar_core.backend import VelocityModel, load_backend
 from dar_core.errors import ConfigError, InputError
-from dar_core.io.checkpoint import load_checkpoint, writable_parent
+from dar_core.io.checkpoint import Checkpoint, load_checkpoint, writable_parent
 from dar_core.sampling.samplers import function_evaluations, sample
+from dar_core.spec.config import ModelConfig
+
+
+@dataclass
+class SamplingSetup:
+    """A loaded checkpoint ready to sample: ``integrate`` runs the sampler on one batch,
+    ``finish`` checks the result and decodes latents. The velocity model is built on first
+    use, so input errors surface before the model is."""
+
+    checkpoint: Checkpoint
+    backend: str
+    weights: str
+    precision: str
+    device: Any
+    decoder: Callable[[np.ndarray], np.ndarray] | None
+    _vm: VelocityModel | None = field(default=None, repr=False)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.checkpoint.config
+
+    @property
+    def velocity_model(self) -> VelocityModel:
+        if self._vm is None:
+            self._vm = load_backend(self.backend).velocity_model(
+                self.config, self.checkpoint.weights(self.weights), precision=self.precision,
+                device=self.device)
+        return self._vm
+
+    def integrate(self, noise: np.ndarray, y: np.ndarray, *, sampler: str, steps: int,
+                  cfg_scale: float, guidance_interval: tuple[float, float], rng: Any,
+                  bar: Any = None) -> np.ndarray:
+        """float32 ``[B, C, H, W]`` model-space samples (latents for a latent model) from
+        ``noise`` and labels ``y``; ``rng`` feeds the SDE's noise; ``bar`` counts evaluations."""
+        vm = self.velocity_model
+        velocity = vm.velocity if bar is None else _counted(vm.velocity, bar)
+        out = sample(velocity, vm.asarray(np.asarray(noise, np.float32)),
+                     vm.asarray(np.asarray(y).astype(np.int64)), sampler=sampler, steps=steps,
+                     cfg_scale=cfg_scale, null_class=self.config.null_class,
+                     guidance_interval=guidance_interval, rng=rng, asarray=vm.asarray)
+        return vm.to_numpy(out).astype(np.float32)
+
+    def finish(self, samples: np.ndarray) -> np.ndarray:
+        """Refuse non-finite samples, then decode latents with the data's VAE (if any)."""
+        bad = int(samples.size - np.count_nonzero(np.isfinite(samples)))
+        if bad:
+            raise InputError(f"the samples hold {bad} non-finite values of {samples.size}: the "
+                             f"checkpoint's {self.weights} weights or the sampler settings "
+                             "diverge")
+        return samples if self.decoder is None else self.decoder(samples)
+
+
+def load_for_sampling(checkpoint: str, *, backend: str = "auto", weights: str = "ema",
+                      precision: str = "fp32", device: Any = "auto", decode: bool = True,
+                      vae: str | None = None) -> SamplingSetup:
+    """Read ``checkpoint`` and, with ``decode``, find its data's VAE decoder (None for pixel
+    models); the backend's velocity model is built when first needed."""
+    ckpt = load_checkpoint(checkpoint)
+    decoder = None
+    if decode:
+        from dar_core.io.data.vae import decoder_for_data
+
+        decoder = decoder_for_data(str(ckpt.meta.get("train", {}).get("data", "procedural")),
+                                   vae)
+    return SamplingSetup(ckpt, backend, weights, precision, device, decoder)
 
 
 def sample_checkpoint(
@@ -53,14 +123,9 @@ def sample_checkpoint(
         raise ConfigError("labels is empty: give at least one label, or none for every class")
     if png:
         writable_parent(png)  # before the sampling, not after it
-    ckpt = load_checkpoint(checkpoint)
-    cfg = ckpt.config
-    decoder = None
-    if decode:
-        from dar_core.io.data.vae import decoder_for_data
-
-        decoder = decoder_for_data(str(ckpt.meta.get("train", {}).get("data", "procedural")),
-                                   vae)
+    setup = load_for_sampling(checkpoint, backend=backend, weights=weights,
+                              precision=precision, device=device, decode=decode, vae=vae)
+    cfg = setup.config
     if labels is None:
         y = np.repeat(np.arange(cfg.num_classes), per_class)
         nrow = per_class
@@ -82,8 +147,6 @@ def sample_checkpoint(
         noise = drawn
     if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
-    vm = load_backend(backend).velocity_model(cfg, ckpt.weights(weights), precision=precision,
-                                              device=device)
     chunks = []
     step = batch_size or len(y)
     n_chunks = -(-len(y) // step)
@@ -93,24 +156,16 @@ def sample_checkpoint(
 
         bar = tqdm(total=n_chunks * function_evaluations(sampler, steps), unit="eval",
                    desc=f"sample {len(y)}", dynamic_ncols=True, file=sys.stderr)
-    velocity = vm.velocity if bar is None else _counted(vm.velocity, bar)
     try:
         for i in range(0, len(y), step):
-            out = sample(velocity, vm.asarray(noise[i:i + step]),
-                         vm.asarray(y[i:i + step].astype(np.int64)), sampler=sampler,
-                         steps=steps, cfg_scale=cfg_scale, null_class=cfg.null_class,
-                         guidance_interval=guidance_interval, rng=rng, asarray=vm.asarray)
-            chunks.append(vm.to_numpy(out).astype(np.float32))
+            chunks.append(setup.integrate(noise[i:i + step], y[i:i + step], sampler=sampler,
+                                          steps=steps, cfg_scale=cfg_scale,
+                                          guidance_interval=guidance_interval, rng=rng,
+                                          bar=bar))
     finally:
         if bar is not None:
             bar.close()
-    images = np.concatenate(chunks)
-    bad = int(images.size - np.count_nonzero(np.isfinite(images)))
-    if bad:
-        raise InputError(f"the samples hold {bad} non-finite values of {images.size}: the "
-                         f"checkpoint's {weights} weights or the sampler settings diverge")
-    if decoder is not None:
-        images = decoder(images)
+    images = setup.finish(np.concatenate(chunks))
     if png:
         from dar_core.io.images import save_image_grid
 
