@@ -25,7 +25,7 @@ from dar_core.spec.validate import check_shapes, check_values
 
 from .routing import History, NaiveHistory, ResidualStream
 
-ROUTING_IMPLS = ("history", "naive")
+ROUTING_IMPLS = ("history", "fused", "naive")  # fused: the Triton kernel (triton_route.py)
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -184,7 +184,9 @@ class DARTransformer(nn.Module):
 
     ``forward(x, t, y)`` validates its inputs and returns the velocity ``[B, C, H, W]``;
     ``velocity(x, t, y)`` is the unchecked hot path used by training and sampling.
-    ``routing_impl="naive"`` uses the core's four-pass reference routing (for tests).
+    ``routing_impl="naive"`` uses the core's four-pass reference routing (for tests);
+    ``"fused"`` the one-pass Triton kernel of ``triton_route`` (CUDA, or Triton's interpreter
+    on CPU tensors; checked so far only under the interpreter).
     """
 
     def __init__(self, config: ModelConfig, *, seed: int = 0, routing_impl: str = "history",
@@ -250,7 +252,10 @@ class DARTransformer(nn.Module):
         if not cfg.routing.is_dar:
             impl = ResidualStream
         else:
-            impl = NaiveHistory if self.routing_impl == "naive" else History
+            if self.routing_impl == "naive":
+                return NaiveHistory(v0, self.slices, cfg.routing.norm_eps)
+            kernel = "fused" if self.routing_impl == "fused" else "auto"
+            return History(v0, self.slices, cfg.routing.norm_eps, kernel=kernel)
         return impl(v0, self.slices, cfg.routing.norm_eps)
 
     def velocity(self, x: Tensor, t: Tensor, y: Tensor, state_factory=None) -> Tensor:

@@ -24,12 +24,31 @@ interface as the JAX and MLX backends.
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 from torch import Tensor
 
+from dar_core.errors import ConfigError
 from dar_core.spec.routing import NaiveHistory, ResidualStream, fold_query
 
-__all__ = ["History", "NaiveHistory", "ResidualStream"]
+__all__ = ["KERNELS", "History", "NaiveHistory", "ResidualStream", "use_fused"]
+
+# How ``History.read`` aggregates: "fused" (``triton_route.fused_mix``, one pass over the
+# sources), "reference" (the per-source ops below) or "auto". "auto" is the reference path
+# everywhere for now: the fused kernel has only run under Triton's interpreter, and becomes
+# the CUDA default once it has been compiled and measured on a GPU.
+KERNELS = ("auto", "fused", "reference")
+
+
+def use_fused(kernel: str, device: torch.device) -> bool:
+    """Whether ``kernel`` (one of ``KERNELS``) selects the fused kernel on ``device``."""
+    if kernel not in KERNELS:
+        raise ConfigError(f"routing kernel must be one of {list(KERNELS)}, got {kernel!r}")
+    if kernel == "fused" and importlib.util.find_spec("triton") is None:
+        raise ConfigError("routing kernel 'fused' needs triton (pip install "
+                          "'dar-core[kernels]'); 'reference' works everywhere")
+    return kernel == "fused"
 
 
 def _acc(x: Tensor) -> Tensor:
@@ -51,8 +70,9 @@ def _dot(v: Tensor, q: Tensor) -> Tensor:
 class History:
     """The routing state of one forward pass (see the module docstring)."""
 
-    def __init__(self, v0: Tensor, slices: list, eps: float):
+    def __init__(self, v0: Tensor, slices: list, eps: float, kernel: str = "auto"):
         self.slices, self.eps = slices, eps
+        self.fused = use_fused(kernel, v0.device)  # see KERNELS
         self.values: list[Tensor] = []  # v_l, [B, T, d], at least float32
         self.rstd: list[Tensor] = []  # 1 / rms(v_l), [B, T]
         self.weights: list[Tensor] = []  # alpha of every read, [N, B, T]
@@ -69,6 +89,13 @@ class History:
         idx = [i for s in self.slices[k] for i in range(len(self.values))[s]]
         with torch.autocast(raw_query.device.type, enabled=False):  # routing math in float32
             q = fold_query(_acc(raw_query), _acc(norm_weight))
+            if self.fused:  # one pass over the sources (backends/torch/triton_route.py)
+                from .triton_route import fused_mix
+
+                h, alpha = fused_mix([self.values[i] for i in idx],
+                                     [self.rstd[i] for i in idx], q, self.eps)
+                self.weights.append(alpha.detach())
+                return h
             logits = torch.stack([self.rstd[i] * _dot(self.values[i], q) for i in idx])
             alpha = torch.softmax(logits, dim=0)  # [N, B, T]
             h = self.values[idx[0]] * alpha[0].unsqueeze(-1)
