@@ -236,3 +236,21 @@ def test_wandb_asked_for_but_not_installed_is_one_line(tmp_path, monkeypatch):
 
     with pytest.raises(ConfigError, match="wandb='p' needs the wandb package"):
         WandbWriter(tmp_path, "p", {}, 0)
+
+
+def test_a_wandb_that_cannot_start_is_one_line_and_leaves_no_record(tmp_path, monkeypatch,
+                                                                    capsys):
+    pytest.importorskip("torch")
+    wandb = pytest.importorskip("wandb")
+
+    def refuse(**kw):
+        raise wandb.errors.UsageError("No API key configured.")
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    out = tmp_path / "run"
+    assert main(["train", "--model", "micro", "--steps", "1", "--wandb", "p", "--no-progress",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dar train: error: wandb could not start a run in project 'p' "
+                          "(UsageError: No API key configured.)"), err
+    assert not (out / "config.json").exists() and not (out / "wandb-id").exists()

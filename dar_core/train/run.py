@@ -374,15 +374,15 @@ class Run:
                     print(f"note: the resumed checkpoint is at step {self.start_step} and "
                           f"steps={self.tc.steps}: nothing is left to train (pass --steps "
                           f"above {self.start_step} to continue the run)", file=sys.stderr)
-        if self.is_main:
-            self._write_config()
+        if self.is_main:  # the writers first: a W&B that cannot start leaves no record
             from dar_core.train.writers import TensorBoardWriter, WandbWriter
 
-            if self.tc.tensorboard:
-                self._writers.append(TensorBoardWriter(self.dir, self.start_step))
             if self.tc.wandb:
                 self._writers.append(WandbWriter(self.dir, self.tc.wandb, self.tc.to_dict(),
                                                  self.start_step))
+            if self.tc.tensorboard:
+                self._writers.append(TensorBoardWriter(self.dir, self.start_step))
+            self._write_config()
         return ckpt
 
     def initial_weights(self) -> dict[str, dict[str, np.ndarray]] | None:

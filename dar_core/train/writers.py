@@ -53,13 +53,19 @@ class WandbWriter:
             raise ConfigError(f"wandb={project!r} needs the wandb package (pip install wandb), "
                               "or leave --wandb empty") from None
         id_file = Path(run_dir) / WANDB_ID
-        if start_step and id_file.exists():
-            run_id = id_file.read_text().strip()
-        else:
-            run_id = secrets.token_hex(6)  # W&B ids: lower-case letters and digits
+        fresh = not (start_step and id_file.exists())
+        run_id = secrets.token_hex(6) if fresh else id_file.read_text().strip()
+        try:
+            self._run = wandb.init(project=project, dir=str(run_dir), config=config, id=run_id,
+                                   resume="allow", name=Path(run_dir).name)
+        except Exception as e:  # wandb raises its own UsageError, CommError, ...
+            msg = str(e).replace("\n", " ")[:200]
+            raise ConfigError(f"wandb could not start a run in project {project!r} "
+                              f"({type(e).__name__}: {msg}); log in (wandb login, "
+                              "WANDB_API_KEY), set WANDB_MODE=offline, or leave --wandb "
+                              "empty") from None
+        if fresh:  # W&B ids: lower-case letters and digits
             id_file.write_text(run_id + "\n")
-        self._run = wandb.init(project=project, dir=str(run_dir), config=config, id=run_id,
-                               resume="allow", name=Path(run_dir).name)
 
     def scalars(self, step: int, values: dict[str, Any]) -> None:
         self._run.log({f"train/{k}": float(v) for k, v in values.items()}, step=step)
