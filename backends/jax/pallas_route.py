@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from dar_core.errors import InputError
-from dar_core.spec.routing import fold_query
+from dar_core.spec.routing import fold_query, query_rows
 
 __all__ = ["fused_mix", "fused_route"]
 
@@ -181,18 +181,6 @@ def _mix_bwd(plan, res, cts):
 _mix.defvjp(_mix_fwd, _mix_bwd)
 
 
-def _query_rows(query_shape: tuple, lead: tuple, d: int) -> tuple[int, int]:
-    M = math.prod(lead)
-    if query_shape == (d,):
-        return 1, max(M, 1)
-    if tuple(query_shape[:-1]) == lead:
-        return M, 1
-    if len(lead) >= 2 and tuple(query_shape[:-1]) == (*lead[:-1], 1):
-        return M // lead[-1], lead[-1]
-    raise InputError(f"query shape {tuple(query_shape)} does not broadcast per source over "
-                     f"rows {lead}: expected ({d},), {(*lead[:-1], 1, d)} or {(*lead, d)}")
-
-
 def fused_mix(values: list[jax.Array], rstd: list[jax.Array] | None, qw: jax.Array,
               acc: jnp.dtype = _F32, *, eps: float = 1e-6,
               interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
@@ -215,7 +203,7 @@ def fused_mix(values: list[jax.Array], rstd: list[jax.Array] | None, qw: jax.Arr
         raise InputError(f"rstd must be {len(values)} x {shape[:-1]}, got "
                          f"{[tuple(r.shape) for r in rstd]}")
     d, lead = shape[-1], shape[:-1]
-    Q, q_div = _query_rows(tuple(qw.shape), lead, d)
+    Q, q_div = query_rows(tuple(qw.shape), lead, d)
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     plan = _Plan(len(values), math.prod(lead), d, Q, q_div, dtype, rstd is not None,

@@ -37,13 +37,11 @@ a block holds about 4096 floats): no GPU was at hand to tune them. Under
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from dar_core.errors import InputError
-from dar_core.spec.routing import fold_query
+from dar_core.spec.routing import fold_query, query_rows
 
 try:
     import triton
@@ -207,19 +205,6 @@ class _FusedMix(torch.autograd.Function):
         return (dqt, None, None, None, *dvs, *drs)
 
 
-def _query_rows(query_shape: tuple, lead: tuple, d: int) -> tuple[int, int]:
-    """``(Q, q_div)`` of a folded query broadcast over the sources' rows ``lead``."""
-    M = math.prod(lead)
-    if query_shape == (d,):
-        return 1, max(M, 1)
-    if tuple(query_shape[:-1]) == lead:
-        return M, 1
-    if len(lead) >= 2 and tuple(query_shape[:-1]) == (*lead[:-1], 1):
-        return M // lead[-1], lead[-1]
-    raise InputError(f"query shape {tuple(query_shape)} does not broadcast per source over "
-                     f"rows {lead}: expected ({d},), {(*lead[:-1], 1, d)} or {(*lead, d)}")
-
-
 def fused_mix(values: list[Tensor], rstd: list[Tensor] | None, qw: Tensor,
               eps: float = 1e-6) -> tuple[Tensor, Tensor]:
     """Softmax-mix same-shape sources ``values`` (each ``[..., d]``) with the folded query
@@ -247,7 +232,7 @@ def fused_mix(values: list[Tensor], rstd: list[Tensor] | None, qw: Tensor,
         raise InputError(f"fused routing runs on CUDA tensors (or any under TRITON_INTERPRET=1 "
                          f"set before this module is imported), got device {dev}")
     d, lead = shape[-1], shape[:-1]
-    Q, q_div = _query_rows(tuple(qw.shape), lead, d)
+    Q, q_div = query_rows(tuple(qw.shape), lead, d)
     rows = [v.reshape(-1, d) for v in values]  # views for row-contiguous sources
     stride = rows[0].stride(0)
     rows = [r if r.stride() == (stride, 1) else r.contiguous() for r in rows]

@@ -23,24 +23,21 @@ Why it is shaped this way:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dar_core.errors import ConfigError, InputError
-from dar_core.io.checkpoint import atomic_write_bytes, read_header, writable_parent
+from dar_core.io.checkpoint import atomic_file, atomic_write_bytes, read_header, writable_parent
 from dar_core.sampling.from_checkpoint import SamplingSetup, load_for_sampling
 from dar_core.sampling.samplers import SAMPLERS, function_evaluations
 
@@ -203,28 +200,6 @@ def _write_part(path: Path, images: np.ndarray, labels: np.ndarray, start: int,
     atomic_write_bytes(path, buf.getvalue())
 
 
-@contextlib.contextmanager
-def _atomic_file(path: Path) -> Iterator[Any]:
-    """A binary file object whose content replaces ``path`` only when the block completes."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def _npy_entry(zf: zipfile.ZipFile, name: str, dtype: Any, shape: tuple[int, ...]) -> Any:
     f = zf.open(f"{name}.npy", "w", force_zip64=True)
     np.lib.format.write_array_header_1_0(
@@ -242,7 +217,7 @@ def assemble(out: Path, settings: dict) -> tuple[int, ...]:
     with np.load(paths[0]) as z:
         hw3 = tuple(z["arr_0"].shape[1:])
     labels = np.empty(n, np.int64)
-    with _atomic_file(out) as fobj, zipfile.ZipFile(fobj, "w", zipfile.ZIP_STORED) as zf:
+    with atomic_file(out) as fobj, zipfile.ZipFile(fobj, "w", zipfile.ZIP_STORED) as zf:
         with _npy_entry(zf, "arr_0", np.uint8, (n, *hw3)) as f:
             for k, p in enumerate(paths):
                 with np.load(p) as z:

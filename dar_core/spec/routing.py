@@ -202,3 +202,20 @@ class ResidualStream:
 
     def read(self, k: int, raw_query: Any = None, norm_weight: Any = None) -> Any:
         return self.total
+
+
+def query_rows(query_shape: tuple, lead: tuple, d: int) -> tuple[int, int]:
+    """How a folded query broadcasts over the sources' rows ``lead`` (the leading dims of a
+    source ``[*lead, d]``), for kernels that walk flat rows: ``(Q, q_div)``, ``Q`` query rows
+    and ``q_div`` source rows per query row (``[d]``: one query for all rows; ``[B, 1, d]``:
+    one per sample; ``[B, T, d]``: one per row)."""
+    M = math.prod(lead)
+    if tuple(query_shape) == (d,):
+        return 1, max(M, 1)
+    if tuple(query_shape[:-1]) == tuple(lead):
+        return M, 1
+    if len(lead) >= 2 and tuple(query_shape[:-1]) == (*lead[:-1], 1):
+        return M // lead[-1], lead[-1]
+    raise InputError(f"query shape {tuple(query_shape)} does not broadcast per source over "
+                     f"rows {tuple(lead)}: expected ({d},), {(*lead[:-1], 1, d)} or "
+                     f"{(*lead, d)}")

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from dar_core.errors import InputError
-from dar_core.io.data.procedural import ProceduralDataset, _check_step, _is_int, rank_rows
+from dar_core.io.data.procedural import Labelled, ProceduralDataset, _check_step, _is_int, rank_rows
 from dar_core.io.data.shards import MANIFEST, ShardDataset
 from dar_core.io.data.shuffle import coin_flips, keys
 
@@ -89,7 +89,7 @@ def _load_shard(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return x, y.astype(np.int64, copy=False)
 
 
-class FolderDataset:
+class FolderDataset(Labelled):
     """User data from a folder of ``*.npz`` / ``*.safetensors`` shards (or one shard file).
 
     Args:
@@ -183,14 +183,6 @@ class FolderDataset:
     @property
     def channels(self) -> int:
         return int(self._x.shape[1])
-
-    @property
-    def num_classes(self) -> int:
-        return self._num_classes
-
-    @property
-    def seed(self) -> int:
-        return self._seed
 
     @property
     def files(self) -> list[Path]:

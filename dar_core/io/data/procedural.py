@@ -62,7 +62,22 @@ def _class_table() -> list[tuple[int, int]]:
 _CLASS_TABLE = _class_table()
 
 
-class ProceduralDataset:
+class Labelled:
+    """What every dataset reports besides its images: its class count and its seed."""
+
+    _num_classes: int
+    _seed: int
+
+    @property
+    def num_classes(self) -> int:
+        return self._num_classes
+
+    @property
+    def seed(self) -> int:
+        return self._seed
+
+
+class ProceduralDataset(Labelled):
     """Procedural shapes x textures; see the module docstring.
 
     Args:
@@ -100,14 +115,6 @@ class ProceduralDataset:
     @property
     def channels(self) -> int:
         return 3
-
-    @property
-    def num_classes(self) -> int:
-        return self._num_classes
-
-    @property
-    def seed(self) -> int:
-        return self._seed
 
     @property
     def factor_values(self) -> dict[str, list[str]]:

@@ -42,7 +42,7 @@ import numpy as np
 
 from dar_core.errors import InputError
 from dar_core.io.checkpoint import atomic_write_bytes
-from dar_core.io.data.procedural import _check_step, _is_int, rank_rows
+from dar_core.io.data.procedural import Labelled, _check_step, _is_int, rank_rows
 from dar_core.io.data.shuffle import Permutation, coin_flips, keys
 from dar_core.io.data.st_format import read_header, write_safetensors
 
@@ -157,7 +157,7 @@ class _Shard:
             return np.frombuffer(f.read(t.nbytes), dtype=t.dtype).copy()
 
 
-class ShardDataset:
+class ShardDataset(Labelled):
     """Training data from a ``dar prepare`` folder; see the module docstring.
 
     Args:
@@ -232,14 +232,6 @@ class ShardDataset:
     @property
     def channels(self) -> int:
         return self._shape[0]
-
-    @property
-    def num_classes(self) -> int:
-        return self._num_classes
-
-    @property
-    def seed(self) -> int:
-        return self._seed
 
     @property
     def files(self) -> list[Path]:

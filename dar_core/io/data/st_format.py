@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from dar_core.errors import InputError
+from dar_core.io.checkpoint import atomic_file
 
 DTYPES: dict[str, np.dtype] = {
     "U8": np.dtype(np.uint8), "I8": np.dtype(np.int8), "U16": np.dtype("<u2"),
@@ -102,23 +101,8 @@ def write_safetensors(path: str | os.PathLike[str], tensors: dict[str, np.ndarra
         offset += a.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644 if not path.exists() else stat.S_IMODE(path.stat().st_mode))
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
-            for a in arrays.values():
-                f.write(memoryview(a.astype(a.dtype.newbyteorder("<"), copy=False)).cast("B"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    with atomic_file(path) as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for a in arrays.values():
+            f.write(memoryview(a.astype(a.dtype.newbyteorder("<"), copy=False)).cast("B"))
