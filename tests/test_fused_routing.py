@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from dar_core.conformance import test_routing_op as routing_op
 from dar_core.conformance.tolerances import route_grad_scales, tol
-from dar_core.errors import ConfigError, InputError
+from dar_core.errors import InputError
 from dar_core.spec.routing import fold_query, route
 from dar_core.testing import rel_err
 
@@ -248,15 +248,13 @@ def test_bad_inputs_raise_input_error_naming_the_value(kernel):
 @pytest.mark.skipif(TRITON is None, reason=TRITON_WHY)
 @pytest.mark.parametrize("query", ["static", "per_token"])
 def test_torch_history_fused_reads_match_reference(query):
-    """``History(kernel="fused")`` over a chunked source set (c2, final aggregator): every
+    """``FusedHistory`` over a chunked source set (c2, final aggregator): every
     read and every gradient as the per-source path's."""
-    from dar_core.backends.torch.routing import History, use_fused
+    from dar_core.backends.torch.routing import FusedHistory, History
     from dar_core.spec.config import RoutingConfig
     from dar_core.spec.routing import source_slices
 
-    assert not use_fused("auto", torch.device("cpu"))  # the CPU keeps the per-source ops
-    with pytest.raises(ConfigError, match="'triton'"):
-        use_fused("triton", torch.device("cpu"))
+    assert not History.fused and FusedHistory.fused  # the default keeps the per-source ops
     L, (b, t, d) = 5, (2, 3, 8)
     slices = source_slices(L, RoutingConfig(chunk_size=2, final_aggregator=True))
     rng = np.random.default_rng(11)
@@ -268,7 +266,7 @@ def test_torch_history_fused_reads_match_reference(query):
     def run(kernel):
         leaves = [v.clone().requires_grad_() for v in vs] + [q.clone().requires_grad_()
                                                              for q in qs]
-        state, loss = History(leaves[0], slices, 1e-6, kernel=kernel), 0.0
+        state, loss = kernel(leaves[0], slices, 1e-6), 0.0
         for k in range(L + 1):
             h = state.read(k, leaves[L + 1 + k], w)
             loss = loss + (h * torch.cos(h)).sum()
@@ -278,7 +276,7 @@ def test_torch_history_fused_reads_match_reference(query):
         return [x.grad.double().numpy() for x in leaves], [a.double().numpy()
                                                            for a in state.weights]
 
-    (gf, af), (gr, ar) = run("fused"), run("reference")
+    (gf, af), (gr, ar) = run(FusedHistory), run(History)
     for x, r in zip(af + gf, ar + gr, strict=True):
         assert rel_err(x, r) <= tol("route_grad"), rel_err(x, r)
 

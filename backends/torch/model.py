@@ -23,7 +23,7 @@ from dar_core.spec.schema import init_params, pos_embed_2d
 from dar_core.spec.timestep import FREQUENCY_DIM, timestep_frequencies
 from dar_core.spec.validate import check_shapes, check_values
 
-from .routing import History, NaiveHistory, ResidualStream
+from .routing import FusedHistory, History, NaiveHistory, ResidualStream
 
 ROUTING_IMPLS = ("history", "fused", "naive")  # fused: the Triton kernel (triton_route.py)
 
@@ -252,10 +252,7 @@ class DARTransformer(nn.Module):
         if not cfg.routing.is_dar:
             impl = ResidualStream
         else:
-            if self.routing_impl == "naive":
-                return NaiveHistory(v0, self.slices, cfg.routing.norm_eps)
-            kernel = "fused" if self.routing_impl == "fused" else "auto"
-            return History(v0, self.slices, cfg.routing.norm_eps, kernel=kernel)
+            impl = {"naive": NaiveHistory, "fused": FusedHistory}.get(self.routing_impl, History)
         return impl(v0, self.slices, cfg.routing.norm_eps)
 
     def velocity(self, x: Tensor, t: Tensor, y: Tensor, state_factory=None) -> Tensor:

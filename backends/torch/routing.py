@@ -32,24 +32,7 @@ from torch import Tensor
 from dar_core.errors import ConfigError
 from dar_core.spec.routing import NaiveHistory, ResidualStream, fold_query
 
-__all__ = ["KERNELS", "History", "NaiveHistory", "ResidualStream", "use_fused"]
-
-# How ``History.read`` aggregates: "fused" (``triton_route.fused_mix``, one pass over the
-# sources), "reference" (the per-source ops below) or "auto". "auto" is the reference path
-# everywhere for now: the fused kernel has only run under Triton's interpreter, and becomes
-# the CUDA default once it has been compiled and measured on a GPU.
-KERNELS = ("auto", "fused", "reference")
-
-
-def use_fused(kernel: str, device: torch.device) -> bool:
-    """Whether ``kernel`` (one of ``KERNELS``) selects the fused kernel on ``device``."""
-    if kernel not in KERNELS:
-        raise ConfigError(f"routing kernel must be one of {list(KERNELS)}, got {kernel!r}")
-    if kernel == "fused" and importlib.util.find_spec("triton") is None:
-        raise ConfigError("routing kernel 'fused' needs triton (pip install "
-                          "'dar-core[kernels]'); 'reference' works everywhere")
-    return kernel == "fused"
-
+__all__ = ["FusedHistory", "History", "NaiveHistory", "ResidualStream"]
 
 def _acc(x: Tensor) -> Tensor:
     """At least float32 (bf16/fp16 activations are routed in float32, float64 stays)."""
@@ -70,9 +53,10 @@ def _dot(v: Tensor, q: Tensor) -> Tensor:
 class History:
     """The routing state of one forward pass (see the module docstring)."""
 
-    def __init__(self, v0: Tensor, slices: list, eps: float, kernel: str = "auto"):
+    fused = False  # FusedHistory: one pass over the sources in a Triton kernel
+
+    def __init__(self, v0: Tensor, slices: list, eps: float):
         self.slices, self.eps = slices, eps
-        self.fused = use_fused(kernel, v0.device)  # see KERNELS
         self.values: list[Tensor] = []  # v_l, [B, T, d], at least float32
         self.rstd: list[Tensor] = []  # 1 / rms(v_l), [B, T]
         self.weights: list[Tensor] = []  # alpha of every read, [N, B, T]
@@ -103,3 +87,18 @@ class History:
                 h = h + self.values[i] * alpha[j].unsqueeze(-1)
         self.weights.append(alpha.detach())
         return h
+
+
+class FusedHistory(History):
+    """``History`` whose reads run the one-pass Triton kernel (``triton_route.fused_mix``):
+    compiled on CUDA, run by Triton's interpreter on CPU tensors. It has only run under the
+    interpreter so far, so the model uses it when asked (``routing_impl="fused"``), never by
+    default."""
+
+    fused = True
+
+    def __init__(self, v0: Tensor, slices: list, eps: float):
+        if importlib.util.find_spec("triton") is None:
+            raise ConfigError("routing_impl='fused' needs triton (pip install "
+                              "'dar-core[kernels]'); 'history' works everywhere")
+        super().__init__(v0, slices, eps)
