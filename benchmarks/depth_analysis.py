@@ -77,7 +77,13 @@ def report(out: Path, runs: Path) -> dict:
     lines = ["# Depth study (pre-registered: benchmarks/README.md, \"Depth study\")", ""]
     if doc["pilot"] is None:
         lines.append("The pilot has not finished: no decision yet "
-                     "(`python -m benchmarks.depth_study pilot`).")
+                     "(`python -m benchmarks.depth_study pilot`). Its evaluations so far:")
+        lines += ["", "| lr | step | FD | class acc | segment s |", "|---|---|---|---|---|"]
+        done = [json.loads(x) for log in sorted(runs.glob("pilot-*-seed*/evals.jsonl"))
+                for x in log.read_text().splitlines()]
+        doc["pilot_partial"] = done
+        lines += [f"| {r['lr']:g} | {r['step']} | {r['fd']:.2f} | {r['class_accuracy']:.3f} | "
+                  f"{r['segment_train_seconds']:.0f} |" for r in done]
     else:
         d = doc["pilot"]["decision"]
         lines += [f"Pilot outcome: **{d['outcome']}**.", "",

@@ -102,7 +102,11 @@ def analyze(args: argparse.Namespace) -> None:
                          f"(ratio {v['ratio']:.3f}, 95% CI [{v['ci95'][0]:.3f}, "
                          f"{v['ci95'][1]:.3f}])")
     if not recs:
-        lines.append("No continuation has been evaluated yet.")
+        lines.append("No continuation has been evaluated yet. The pretraining so far:")
+        lines += ["", "| step | FD | class acc |", "|---|---|---|"]
+        for log in sorted(Path(args.runs).glob("pretrain-*/evals.jsonl")):
+            for r in map(json.loads, log.read_text().splitlines()):
+                lines.append(f"| {r['step']} | {r['fd']:.2f} | {r['class_accuracy']:.3f} |")
     _write(OUT / "finetune.json", {"by_step": {str(k): v for k, v in table.items()},
                                    "records": recs})
     (OUT / "finetune.md").write_text("\n".join(lines) + "\n")
