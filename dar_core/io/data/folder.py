@@ -35,7 +35,12 @@ from pathlib import Path
 import numpy as np
 
 from dar_core.errors import InputError
-from dar_core.io.data.procedural import Labelled, ProceduralDataset, _check_step, _is_int, rank_rows
+from dar_core.io.data.procedural import (
+    Labelled,
+    ProceduralDataset,
+    _is_int,
+    stream_indices,
+)
 from dar_core.io.data.shards import MANIFEST, ShardDataset
 from dar_core.io.data.shuffle import coin_flips, keys
 
@@ -219,14 +224,8 @@ class FolderDataset(Labelled):
                     world: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """The training batch for ``step``: stream positions ``step*batch_size + [0, B)``;
         ``rank``'s rows ``rank*B/world .. (rank+1)*B/world`` of it when ``world > 1``."""
-        _check_step(step, batch_size)
-        rows = rank_rows(batch_size, rank, world)
-        pos = int(step) * int(batch_size) + np.arange(rows.start, rows.stop, dtype=np.int64)
-        epochs, offsets = np.divmod(pos, self.num_train)
-        idx = np.empty(pos.shape, np.int64)
-        for e in np.unique(epochs):
-            sel = epochs == e
-            idx[sel] = self._epoch_order(int(e))[offsets[sel]]
+        idx, pos = stream_indices(step, batch_size, rank, world, self.num_train,
+                                  lambda e, off: self._epoch_order(e)[off])
         x = self._x[idx]
         if self._flip:
             f = coin_flips(self._flip_key, pos)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from os import PathLike
 
 import numpy as np
@@ -357,6 +357,24 @@ def rank_rows(batch_size: int, rank: object, world: object) -> slice:
         raise InputError(f"batch_size={batch_size} is not divisible by the world size {world}")
     b = int(batch_size) // int(world)
     return slice(int(rank) * b, (int(rank) + 1) * b)
+
+
+def stream_indices(step: int, batch_size: int, rank: int, world: int, num_train: int,
+                   order: Callable[[int, np.ndarray], np.ndarray]
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """``(example indices, stream positions)`` of ``rank``'s rows of the training batch at
+    ``step``: positions ``step*batch_size + rank_rows``, wrapping across epochs of
+    ``num_train`` examples; ``order(epoch, offsets)`` maps offsets within an epoch to examples
+    (the folder and shard datasets' per-epoch shuffles)."""
+    _check_step(step, batch_size)
+    rows = rank_rows(batch_size, rank, world)
+    pos = int(step) * int(batch_size) + np.arange(rows.start, rows.stop, dtype=np.int64)
+    epochs, offsets = np.divmod(pos, num_train)
+    idx = np.empty(pos.size, np.int64)
+    for e in np.unique(epochs):
+        sel = epochs == e
+        idx[sel] = order(int(e), offsets[sel])
+    return idx, pos
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

@@ -42,7 +42,7 @@ import numpy as np
 
 from dar_core.errors import InputError
 from dar_core.io.checkpoint import atomic_write_bytes
-from dar_core.io.data.procedural import Labelled, _check_step, _is_int, rank_rows
+from dar_core.io.data.procedural import Labelled, _is_int, stream_indices
 from dar_core.io.data.shuffle import Permutation, coin_flips, keys
 from dar_core.io.data.st_format import read_header, write_safetensors
 
@@ -302,14 +302,8 @@ class ShardDataset(Labelled):
     def train_indices(self, step: int, batch_size: int, rank: int = 0,
                       world: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """(example indices, stream positions) of ``rank``'s rows of the batch at ``step``."""
-        _check_step(step, batch_size)
-        rows = rank_rows(batch_size, rank, world)
-        pos = int(step) * int(batch_size) + np.arange(rows.start, rows.stop, dtype=np.int64)
-        epochs, offsets = np.divmod(pos, self.num_train)
-        idx = np.empty(pos.size, np.int64)
-        for e in np.unique(epochs):
-            sel = epochs == e
-            idx[sel] = self._epoch(int(e))(offsets[sel])
+        idx, pos = stream_indices(step, batch_size, rank, world, self.num_train,
+                                  lambda e, off: self._epoch(e)(off))
         if self._split is not None:
             idx = self._split(idx)
         return idx, pos
