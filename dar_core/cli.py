@@ -112,6 +112,12 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     ev.add_argument("--force", action="store_true",
                     help="score a checkpoint trained on other data than the procedural set")
 
+    co = sub.add_parser("consolidate", help="a sharded checkpoint (--shard runs) to the single "
+                                            "safetensors file every backend loads")
+    co.add_argument("checkpoint", help="a ckpt-<step>.sharded folder, or a run folder (its newest)")
+    co.add_argument("--out", default=None,
+                    help="the file to write (default: beside the folder, .safetensors)")
+
     fd = sub.add_parser("fid", help="FID / sFID / IS / precision-recall of an ADM-format "
                                      "sample npz (InceptionV3 from a local weights file)")
     fd.add_argument("samples", help="npz with arr_0 uint8 [N, H, W, 3] (dar sample --npz)")
@@ -235,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         from dar_core.evaluation.fid import cmd_fid
 
         commands["fid"] = cmd_fid
+        from dar_core.io.sharded import cmd_consolidate
+
+        commands["consolidate"] = cmd_consolidate
         from dar_core.io.data.prepare import cmd_prepare
 
         commands["prepare"] = cmd_prepare

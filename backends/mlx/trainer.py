@@ -20,7 +20,9 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_reduce
 
+from dar_core.errors import ConfigError
 from dar_core.io.checkpoint import check_optimizer_state
+from dar_core.io.sharded import ShardedCheckpoint, to_checkpoint
 from dar_core.spec.interpolant import interpolate, velocity_target
 from dar_core.train.run import Run, TrainConfig, frozen_names, trained_names
 from dar_core.train.schedule import warmup_length
@@ -174,12 +176,18 @@ def freeze(model: DARTransformer, names: list[str]) -> None:
 def train(tc: TrainConfig) -> Path:
     """Train (or resume, ``tc.resume``) a DARTransformer; returns the run folder."""
     resolve_device(tc.device)
+    if tc.shard != "none":
+        raise ConfigError(f"shard={tc.shard!r}: MLX's mx.distributed is data parallel only; "
+                          "on Apple silicon fit a larger model with --grad-accum K and "
+                          "--grad-checkpoint, or shard it with the torch or jax backend")
     group = mx.distributed.init()  # a one-process group unless started by mlx.launch
     rank, world = group.rank(), group.size()
     run = Run(tc, backend="mlx", rank=rank, world=world)
     cfg, dtype = run.cfg, compute_dtype(tc.precision)
     names = trained_names(cfg, tc)
     ckpt = run.resume_checkpoint()
+    if isinstance(ckpt, ShardedCheckpoint):  # a sharded torch/JAX run's: read it whole
+        ckpt = to_checkpoint(ckpt)
 
     model = DARTransformer(cfg, seed=tc.seed, dtype=dtype, grad_checkpoint=tc.grad_checkpoint)
     freeze(model, frozen_names(cfg, tc))

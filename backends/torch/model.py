@@ -143,14 +143,20 @@ class DiTBlock(nn.Module):
         self.attn_router = Router(d, r.query, r.norm_eps, r.time_gain) if r.is_dar else None
         self.mlp_router = Router(d, r.query, r.norm_eps, r.time_gain) if r.is_dar else None
 
-    def forward(self, state, k: int, c: Tensor, t_emb: Tensor, checkpoint: bool) -> None:
-        """Sublayers ``k + 1`` (attention) and ``k + 2`` (MLP) of the stream in ``state``."""
+    def forward(self, state, k: int, c: Tensor, t_emb: Tensor,
+                checkpoint: bool) -> tuple[Tensor, Tensor]:
+        """Sublayers ``k + 1`` (attention) and ``k + 2`` (MLP) of the stream in ``state``;
+        returns the two sources it wrote (an FSDP2 unit gathers its weights for the backward
+        when the gradient reaches its outputs)."""
         (shift_msa, scale_msa, gate_msa,
          shift_mlp, scale_mlp, gate_mlp) = self.adaLN_modulation(c).chunk(6, dim=1)  # [B, d]
         h = aggregate(state, self.attn_router, k, t_emb)  # [B, T, d]
-        state.write(_run(self.attn_branch, checkpoint, h, shift_msa, scale_msa, gate_msa))
+        v_attn = _run(self.attn_branch, checkpoint, h, shift_msa, scale_msa, gate_msa)
+        state.write(v_attn)
         h = aggregate(state, self.mlp_router, k + 1, t_emb)  # [B, T, d]
-        state.write(_run(self.mlp_branch, checkpoint, h, shift_mlp, scale_mlp, gate_mlp))
+        v_mlp = _run(self.mlp_branch, checkpoint, h, shift_mlp, scale_mlp, gate_mlp)
+        state.write(v_mlp)
+        return v_attn, v_mlp
 
     def attn_branch(self, h: Tensor, shift: Tensor, scale: Tensor, gate: Tensor) -> Tensor:
         return gate.unsqueeze(1) * self.attn(modulate(self.norm1(h), shift, scale))  # [B, T, d]

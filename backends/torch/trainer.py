@@ -19,13 +19,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dar_core.errors import CheckpointError
 from dar_core.io.checkpoint import check_optimizer_state
+from dar_core.io.sharded import ShardedCheckpoint, to_checkpoint
 from dar_core.spec.interpolant import interpolate, velocity_target
 from dar_core.train.run import Run, TrainConfig, env_rank_world, frozen_names, micro_batch
 from dar_core.train.schedule import warmup_length
 
 from .device import autocast, resolve_device
 from .model import DARTransformer
+from .sharded import ENGINE, any_non_finite, check_world, full, like, local, shard_model
+from .sharded import load as load_sharded
+from .sharded import save as save_sharded
 from .velocity import model_velocity
 
 
@@ -100,15 +105,33 @@ def opt_state_from_numpy(opt: torch.optim.Optimizer, named: dict[str, torch.nn.P
     check_optimizer_state(saved, list(named))
     step = float(saved["step"])
     for name, p in named.items():
-        opt.state[p] = {
+        opt.state[p] = {  # placed like p: this rank's shard of a sharded (DTensor) weight
             "step": torch.tensor(step),
-            "exp_avg": torch.from_numpy(saved[f"m/{name}"]).to(p.device, p.dtype),
-            "exp_avg_sq": torch.from_numpy(saved[f"v/{name}"]).to(p.device, p.dtype),
+            "exp_avg": like(p, saved[f"m/{name}"]),
+            "exp_avg_sq": like(p, saved[f"v/{name}"]),
         }
+
+
+def flat_state(model: torch.nn.Module, ema: dict[str, torch.Tensor], opt: torch.optim.Optimizer,
+               named: dict[str, torch.nn.Parameter], steps_done: torch.Tensor
+               ) -> dict[str, torch.Tensor]:
+    """The run's state under the keys of ``dar_core.io.sharded.flat_keys``, as the live
+    (sharded) tensors themselves: DCP writes their shards, and loads into them in place."""
+    state = {f"params/{n}": t for n, t in model.state_dict().items()}
+    state.update({f"ema/{n}": t for n, t in ema.items()})
+    for n, p in named.items():
+        if p not in opt.state:  # before the first step (a resume loads into these)
+            opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                            "exp_avg_sq": torch.zeros_like(p)}
+        state[f"opt/m/{n}"] = opt.state[p]["exp_avg"]
+        state[f"opt/v/{n}"] = opt.state[p]["exp_avg_sq"]
+    state["opt/step"] = steps_done
+    return state
 
 
 def train(tc: TrainConfig) -> Path:
     rank, world = env_rank_world()
+    check_world(tc.shard, world)
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     device = resolve_device(tc.device, local_rank=local_rank)
     if world > 1 and not dist.is_initialized():
@@ -127,27 +150,45 @@ def train(tc: TrainConfig) -> Path:
 def _train(tc: TrainConfig, rank: int, world: int, device: torch.device) -> Path:
     run = Run(tc, backend="torch", rank=rank, world=world)
     ckpt = run.resume_checkpoint()
+    sharded = tc.shard != "none"
+    if isinstance(ckpt, ShardedCheckpoint) and not (sharded and ckpt.engine == ENGINE):
+        ckpt = to_checkpoint(ckpt)  # read whole: an unsharded run, or another engine's
 
     init = run.initial_weights() if ckpt is None else None
     model = DARTransformer(run.cfg, seed=tc.seed, grad_checkpoint=tc.grad_checkpoint)
-    if ckpt is not None or init is not None:
-        model.load_weights(ckpt.params if ckpt is not None else init["params"])
+    whole = ckpt if not isinstance(ckpt, ShardedCheckpoint) else None
+    if whole is not None or init is not None:
+        model.load_weights(whole.params if whole is not None else init["params"])
     model.to(device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    if ckpt is not None or init is not None:
-        ema.load_weights(ckpt.weights("ema") if ckpt is not None else init["ema"])
+    ema_src = (whole.weights("ema") if whole is not None else init["ema"] if init is not None
+               else model.export_weights())
     for name in frozen_names(run.cfg, tc):
         model.get_parameter(name).requires_grad_(False)
+    net: torch.nn.Module = _Velocity(model)
+    if sharded:  # weights become DTensor shards; the EMA is sharded like them
+        shard_model(net, model.blocks, tc.shard, tc.fsdp_size, world, device, tc.precision)
+        ema_model = None
+        ema = {n: like(t, ema_src[n]) for n, t in model.state_dict().items()}
+    else:
+        ema_model = copy.deepcopy(model).requires_grad_(False).eval()
+        ema_model.load_weights(ema_src)
+        ema = dict(ema_model.named_parameters())
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     params = list(named.values())
-    ema_params = [dict(ema.named_parameters())[n] for n in named]
+    ema_params = [local(ema[n]) for n in named]
     opt = make_optimizer(params, tc)
-    if ckpt is not None:
+    if isinstance(ckpt, ShardedCheckpoint):  # every rank reads only its shards
+        state = flat_state(model, ema, opt, named, torch.zeros((), dtype=torch.int64))
+        load_sharded(state, ckpt.state_dir)
+        if any_non_finite(list(state.values())):
+            raise CheckpointError(f"checkpoint {str(ckpt.path)!r} holds non-finite tensors")
+        for p in params:
+            opt.state[p]["step"] = torch.tensor(float(state["opt/step"]))
+    elif ckpt is not None:
         opt_state_from_numpy(opt, named, ckpt.opt)
     sched = make_scheduler(opt, tc, run.start_step)
 
-    net: torch.nn.Module = _Velocity(model)
-    if world > 1:
+    if world > 1 and not sharded:
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None)
     if tc.compile:
@@ -161,8 +202,7 @@ def _train(tc: TrainConfig, rank: int, world: int, device: torch.device) -> Path
         opt.zero_grad(set_to_none=True)
         loss = torch.zeros((), device=device)
         for j in range(K):  # micro-batches: the mean of their gradients is the batch's
-            sync = j == K - 1 or world == 1  # DDP all-reduces only with the last one
-            with (contextlib.nullcontext() if sync else net.no_sync()):
+            with _grad_sync(net, j == K - 1 or world == 1):  # reduce with the last one only
                 with autocast(device, tc.precision):
                     part = loss_fn(net, micro_batch(batch, j, K) if K > 1 else batch) / K
                 part.backward()
@@ -173,19 +213,44 @@ def _train(tc: TrainConfig, rank: int, world: int, device: torch.device) -> Path
         sched.step()
         with torch.no_grad():
             decay = tc.ema_decay_at(step)
-            ema_update(ema_params, params, decay)
+            ema_update(ema_params, [local(p) for p in params], decay)
         if world > 1:
             loss = loss.detach().clone()  # SUM / world: Gloo has no AVG before torch 2.6
             dist.all_reduce(loss, op=dist.ReduceOp.SUM)
             loss /= world
-        run.log(step, loss.item(), grad_norm.item(), lr=lr)
+        run.log(step, loss.item(), float(full(grad_norm)), lr=lr)
 
         n = run.done(step)
-        if run.should_checkpoint(step):
-            run.save(n, params=model.export_weights(), ema=ema.export_weights(),
+        if run.should_checkpoint(step) and sharded:
+            state = flat_state(model, ema, opt, named, torch.tensor(n, dtype=torch.int64))
+            run.save_sharded(n, ENGINE, lambda folder, s=state: save_sharded(s, folder),
+                             dist.barrier, any_non_finite(list(state.values())))
+        elif run.should_checkpoint(step):
+            run.save(n, params=model.export_weights(), ema=ema_model.export_weights(),
                      opt=opt_state_to_numpy(opt, named, n))
         if run.should_sample(step):
-            vm = model_velocity(ema, device, tc.precision)
-            run.sample_grid(step, vm.velocity, vm.asarray, vm.to_numpy)
+            sampler = ema_model or _gathered(run, ema, device)  # every rank gathers the EMA
+            if sampler is not None:
+                vm = model_velocity(sampler, device, tc.precision)
+                run.sample_grid(step, vm.velocity, vm.asarray, vm.to_numpy)
     run.finish()
     return run.dir
+
+
+def _grad_sync(net: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """Whether this backward reduces gradients across ranks (off for all but the last
+    micro-batch of a step): DDP's ``no_sync``, FSDP2's ``set_requires_gradient_sync``."""
+    if hasattr(net, "set_requires_gradient_sync"):
+        net.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if sync else net.no_sync()
+
+
+def _gathered(run: Run, ema: dict[str, torch.Tensor], device: torch.device
+              ) -> DARTransformer | None:
+    """The whole EMA model on rank 0 (for sample grids), None elsewhere; every rank takes
+    part in gathering the shards."""
+    weights = {n: full(t) for n, t in ema.items()}
+    if not run.is_main:
+        return None
+    return DARTransformer(run.cfg).load_weights(weights).to(device).eval()

@@ -152,6 +152,9 @@ def save_checkpoint(
 def read_header(path: str | os.PathLike) -> dict[str, str]:
     """The JSON header's metadata without reading tensors."""
     path = Path(path)
+    if path.is_dir() and path.name.endswith(".sharded"):
+        raise CheckpointError(f"{str(path)!r} is a sharded checkpoint: `dar consolidate "
+                              f"{path}` writes the single file every backend loads")
     if not path.is_file():
         raise CheckpointError(f"no checkpoint file at {str(path)!r}")
     with open(path, "rb") as f:
@@ -231,3 +234,14 @@ def check_optimizer_state(opt: dict[str, Any] | None, names: list[str]) -> None:
         if opt is None or key not in opt:
             raise CheckpointError(f"checkpoint has no optimizer state 'opt/{key}'; it cannot "
                                   "resume training (start a fresh run or load weights only)")
+
+
+def non_finite(groups: dict[str, dict[str, Any]]) -> list[str]:
+    """``"group/name"`` of every floating array holding NaN or inf."""
+    bad = []
+    for group, arrays in groups.items():
+        for name, a in arrays.items():
+            a = np.asarray(a)
+            if a.dtype.kind == "f" and not np.isfinite(a).all():
+                bad.append(f"{group}/{name}")
+    return bad

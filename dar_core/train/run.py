@@ -54,10 +54,19 @@ from dar_core.io.checkpoint import (
     Checkpoint,
     atomic_write_bytes,
     load_checkpoint,
+    non_finite,
     save_checkpoint,
     writable_folder,
 )
 from dar_core.io.data.procedural import rank_rows
+from dar_core.io.sharded import (
+    ShardedCheckpoint,
+    check_shard,
+    finalize,
+    is_sharded,
+    read_manifest,
+    temp_folder,
+)
 from dar_core.sampling.samplers import SAMPLERS, sample
 from dar_core.spec.config import ModelConfig, RoutingConfig, model_config
 from dar_core.spec.interpolant import TIME_SAMPLINGS, sample_time
@@ -118,6 +127,8 @@ class TrainConfig:
     precision: str = "fp32"
     compile: bool = False
     grad_checkpoint: bool = False
+    shard: str = "none"  # "params" (FSDP / ZeRO-3) or "opt" (optimizer state, gradients, EMA)
+    fsdp_size: int = 0  # devices each shard group spans (0: all; fewer: hybrid sharding)
     freeze_routing: bool = False  # routers stay at their init (zero query: uniform routing)
     device: str = "auto"
     progress: bool = True
@@ -158,6 +169,7 @@ class TrainConfig:
         if self.sample_sampler not in SAMPLERS:
             raise ConfigError(f"sample_sampler must be one of {list(SAMPLERS)}, "
                               f"got {self.sample_sampler!r}")
+        check_shard(self.shard, self.fsdp_size)
         check_schedule(self.lr, self.lr_schedule, self.warmup_steps, self.min_lr, self.steps)
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size={self.batch_size} is not divisible by "
@@ -286,7 +298,7 @@ def grid_inputs(cfg: ModelConfig, per_class: int, seed: int) -> tuple[np.ndarray
     return noise, y
 
 
-_CKPT = re.compile(r"^ckpt-(\d{7})\.safetensors$")
+_CKPT = re.compile(r"^ckpt-(\d{7})\.(safetensors|sharded)$")
 
 
 class Run:
@@ -331,7 +343,7 @@ class Run:
                     f"run folder {str(self.dir)!r} already holds a run{last}: pass "
                     "--resume auto to continue it, --overwrite to replace it, or another --out")
             for old in previous:
-                old.unlink()
+                _remove(old)
             for name in ("metrics.jsonl", "config.json", "training.png"):
                 (self.dir / name).unlink(missing_ok=True)
             if (self.dir / TB_FOLDER).is_dir():
@@ -340,9 +352,11 @@ class Run:
             if self.sample_dir.is_dir():
                 for png in self.sample_dir.glob("step-*.png"):
                     png.unlink()
-        if self.ckpt_dir.is_dir():
+        if self.ckpt_dir.is_dir():  # writes this folder's trainer never finished (we hold the lock)
             for tmp in self.ckpt_dir.glob(".ckpt-*.safetensors.*.tmp"):
-                tmp.unlink()  # a write this folder's trainer never finished (we hold the lock)
+                tmp.unlink()
+            for tmp in self.ckpt_dir.glob(".ckpt-*.sharded.tmp"):
+                _remove(tmp)
 
     def _write_config(self) -> None:
         """``config.json``, written once every check of the run has passed."""
@@ -424,8 +438,14 @@ class Run:
                                   f"(skipped {skipped}); pass --overwrite to start afresh")
         return None
 
-    def _readable(self, path: Path) -> Checkpoint:
-        """The checkpoint at ``path`` if it reads, is complete and finite."""
+    def _readable(self, path: Path) -> Checkpoint | ShardedCheckpoint:
+        """The checkpoint at ``path`` if it reads, is complete and finite (a sharded one: if
+        its manifest reads; its backend checks the shards it loads)."""
+        if is_sharded(path):
+            sc = read_manifest(path)
+            if "step" not in sc.meta:
+                raise CheckpointError(f"checkpoint {str(path)!r} has no 'step' in its manifest")
+            return sc
         ckpt = load_checkpoint(path)  # a truncated or garbled file is a CheckpointError
         if "step" not in ckpt.meta:
             raise CheckpointError(f"checkpoint {str(path)!r} has no 'step' in its metadata")
@@ -463,9 +483,42 @@ class Run:
         save_checkpoint(path, self.cfg, params, ema=ema, opt=opt, state=state, meta=meta)
         older = [p for p in self.checkpoints() if _step(p) <= step]
         for old in older[: -self.tc.keep_checkpoints]:
-            old.unlink()
+            _remove(old)
         self.plot()
         return path
+
+    def save_sharded(self, step: int, engine: str, write: Callable[[Path], None],
+                     barrier: Callable[[], None], any_bad: bool) -> Path | None:
+        """Every rank: write this rank's shards of ``ckpt-<step>.sharded`` with
+        ``write(state_folder)`` (``dar_core.io.sharded``); rank 0 then writes the manifest,
+        renames the folder into place and prunes old checkpoints. ``any_bad``: whether any
+        rank holds a non-finite tensor (the same on every rank), which saves nothing."""
+        if any_bad:
+            last = self._halt()
+            raise NonFiniteLossError(
+                f"the state after step {step} holds non-finite tensors; not saved. "
+                + (f"The last good checkpoint is {str(last)!r}: resume from it with a "
+                   "lower lr" if last else "No checkpoint was saved before it"))
+        tmp = temp_folder(self.ckpt_dir, step)
+        if self.is_main:
+            _remove(tmp)
+            tmp.mkdir(parents=True)
+        barrier()
+        write(tmp / "state")
+        barrier()
+        if not self.is_main:
+            barrier()  # rank 0 renames and prunes
+            return None
+        final = finalize(tmp, self.ckpt_dir / f"ckpt-{step:07d}.sharded", self.cfg, engine,
+                         trained_names(self.cfg, self.tc),
+                         {"step": step, "train": self.tc.to_dict(), "backend": self.backend,
+                          "world": self.world})
+        older = [p for p in self.checkpoints() if _step(p) <= step]
+        for old in older[: -self.tc.keep_checkpoints]:
+            _remove(old)
+        self.plot()
+        barrier()
+        return final
 
     # Loop helpers ------------------------------------------------------------------------
     def steps(self) -> Iterator[int]:
@@ -647,15 +700,12 @@ def _step(path: Path) -> int:
     return int(_CKPT.match(path.name).group(1))
 
 
-def non_finite(groups: dict[str, dict[str, Any]]) -> list[str]:
-    """``"group/name"`` of every floating array holding NaN or inf."""
-    bad = []
-    for group, arrays in groups.items():
-        for name, a in arrays.items():
-            a = np.asarray(a)
-            if a.dtype.kind == "f" and not np.isfinite(a).all():
-                bad.append(f"{group}/{name}")
-    return bad
+def _remove(path: Path) -> None:
+    """A checkpoint file or sharded checkpoint folder, gone (nothing if absent)."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 class RunLock:
