@@ -33,6 +33,7 @@ PRETRAIN = TrainConfig(model="tiny", routing="residual", image_size=16, num_clas
                        seed=100)
 PRETRAIN_STEPS = eval_steps(6000, 9)  # 6000 / sqrt(2)^k, k = 0..8
 PLATEAU_SLOPE = -0.1  # the pretrained model's last-octave FD slope must be flatter than this
+MAX_PRETRAIN = 48000  # no plateau at 6000: double the pretraining (12000, 24000, ...) up to this
 CONTINUE_STEPS = 3000
 CONTINUE_EVALS = eval_steps(CONTINUE_STEPS, 7)
 PROTOCOL = dict(n_per_class=20, sampler="heun", steps=25, cfg_scale=1.0, seed=0)
@@ -49,19 +50,40 @@ def _pretrain_dir(runs: Path) -> Path:
     return runs / "pretrain-residual-seed100"
 
 
+def pretrain_schedule(budget: int) -> list[int]:
+    """The evaluation steps of a pretraining of ``budget`` steps: those of 6000 and, for each
+    doubling up to ``budget``, the doubled run's two steps past the previous budget."""
+    steps = list(PRETRAIN_STEPS)
+    n = PRETRAIN_STEPS[-1]
+    while n < budget:
+        n *= 2
+        steps += [round(n / math.sqrt(2)), n]
+    return steps
+
+
 def pretrain(args: argparse.Namespace) -> None:
-    recs = segmented_run(PRETRAIN, _pretrain_dir(Path(args.runs)), PRETRAIN_STEPS, PROTOCOL,
-                         "torch", dict(arm="pretrain", seed=PRETRAIN.seed))
-    slope = octave_slope(recs, PRETRAIN_STEPS[-1])
+    """Pretrain to 6000 steps, then double until the last-octave FD slope is flatter than
+    ``PLATEAU_SLOPE`` (the protocol's "extended first"), at most to ``MAX_PRETRAIN``."""
+    budget = PRETRAIN_STEPS[-1]
+    while True:
+        recs = segmented_run(PRETRAIN, _pretrain_dir(Path(args.runs)),
+                             pretrain_schedule(budget), PROTOCOL, "torch",
+                             dict(arm="pretrain", seed=PRETRAIN.seed))
+        slope = octave_slope(recs, budget)
+        plateau = slope > PLATEAU_SLOPE
+        print(f"pretrained {budget} steps: FD {recs[-1]['fd']:.3f}, last-octave slope "
+              f"{slope:.3f} ({'a plateau' if plateau else 'not yet a plateau'})")
+        if plateau or budget >= MAX_PRETRAIN:
+            break
+        budget *= 2
     _write(OUT / "pretrain.json", {"records": recs, "last_octave_slope": slope,
-                                   "plateau": slope > PLATEAU_SLOPE, "machine": machine(),
+                                   "plateau": plateau, "steps": budget, "machine": machine(),
                                    "command": "python -m benchmarks.finetune_study pretrain"})
-    print(f"pretrained: FD {recs[-1]['fd']:.3f}, last-octave slope {slope:.3f} "
-          f"({'a plateau' if slope > PLATEAU_SLOPE else 'not yet a plateau'})")
 
 
 def _continue_job(arm: str, seed: int, runs: str) -> list[dict]:
-    init = _pretrain_dir(Path(runs)) / "checkpoints" / f"ckpt-{PRETRAIN_STEPS[-1]:07d}.safetensors"
+    steps = json.loads((OUT / "pretrain.json").read_text())["steps"]
+    init = _pretrain_dir(Path(runs)) / "checkpoints" / f"ckpt-{steps:07d}.safetensors"
     tc = PRETRAIN.replace(**ARMS[arm], seed=seed, init_from=str(init))
     out = Path(runs) / f"continue-{arm.replace(' ', '-')}-seed{seed}"
     return segmented_run(tc, out, CONTINUE_EVALS, PROTOCOL, "torch", dict(arm=arm, seed=seed))
