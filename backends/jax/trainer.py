@@ -1,10 +1,17 @@
-"""The JAX training loop: one jitted step, data parallel over a 1-D device mesh ``"data"``.
+"""The JAX training loop: one jitted step over a 2-D device mesh ``("data", "fsdp")``.
 
-The batch is sharded along B, parameters / EMA / optimizer state are replicated, and XLA
-inserts the gradient all-reduce. Multi-host (TPU pods): ``jax.distributed.initialize()`` runs
-when ``DAR_JAX_DISTRIBUTED=1`` or ``JAX_COORDINATOR_ADDRESS`` is set; every process feeds its
-slice of the global batch (``rank = jax.process_index()``) and the global array is assembled
-with ``jax.make_array_from_process_local_data``. Every random draw comes from the core's
+The batch is sharded along B over both axes. ``shard="none"`` (``fsdp`` of size 1): pure data
+parallel, parameters / EMA / optimizer state replicated. ``shard="params"`` (FSDP / ZeRO-3):
+parameters, EMA and optimizer state split over ``"fsdp"`` by ``sharded.fsdp_spec``;
+``shard="opt"`` (ZeRO-1/2): parameters replicated, EMA and optimizer state split. The jitted
+step declares these shardings and XLA inserts the collectives (gradient all-reduce or
+reduce-scatter, parameter all-gathers); sharded runs checkpoint with Orbax, each process
+writing its own shards (``dar_core.io.sharded``).
+
+Multi-host (TPU pods): ``jax.distributed.initialize()`` runs when ``DAR_JAX_DISTRIBUTED=1``
+or ``JAX_COORDINATOR_ADDRESS`` is set; every process feeds its slice of the global batch
+(``rank = jax.process_index()``) and the global array is assembled with
+``jax.make_array_from_process_local_data``. Every random draw comes from the core's
 ``TrainStream``, so resumed runs are bit-identical and all backends see the same batches.
 """
 
@@ -20,22 +27,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dar_core.errors import ConfigError
+from dar_core.errors import CheckpointError, ConfigError
 from dar_core.io.checkpoint import Checkpoint, check_optimizer_state
+from dar_core.io.sharded import ShardedCheckpoint, mesh_shape, to_checkpoint
 from dar_core.spec.config import ModelConfig
 from dar_core.spec.interpolant import interpolate, velocity_target
-from dar_core.spec.schema import NON_TRAINABLE, init_params
+from dar_core.spec.schema import NON_TRAINABLE, init_params, param_shapes
 from dar_core.train.run import Run, TrainConfig, frozen_names, trained_names
 from dar_core.train.schedule import warmup_length
 
+from . import sharded as shd
 from .device import compute_dtype, resolve_device
 from .model import DARTransformer, cast, forward
 from .velocity import velocity_model
 
 # Times each traced function was traced (a Python side effect runs only while tracing).
 TRACE_COUNTS: collections.Counter[str] = collections.Counter()
+AXES = ("data", "fsdp")
 
 
 class TrainState(NamedTuple):
@@ -63,17 +74,51 @@ def initialize_distributed() -> bool:
     return jax.distributed.is_initialized()
 
 
-def make_mesh(devices: Any = None) -> Mesh:
-    """A 1-D mesh ``"data"`` over ``devices`` (default: every device of the default backend,
-    across all processes; a string like ``"cpu"`` selects a platform). Devices are ordered by
-    process, so process ``p`` holds rows ``p*b .. (p+1)*b`` of the global batch: the slice
+def make_mesh(devices: Any = None, fsdp_size: int = 1) -> Mesh:
+    """A 2-D mesh ``("data", "fsdp")`` over ``devices`` (default: every device of the default
+    backend, across all processes; a string like ``"cpu"`` selects a platform), of shape
+    ``mesh_shape(len(devices), fsdp_size)`` (default 1: pure data parallel; 0: one FSDP group
+    of every device). Devices are ordered by process, so process ``p`` holds rows
+    ``p*b .. (p+1)*b`` of the global batch (``batch_sharding``): the slice
     ``run.stream.batch(step, rank=p, world)`` it feeds."""
     if devices is None or devices == "auto":
         devices = jax.devices()
     elif isinstance(devices, str):
         devices = jax.devices(resolve_device(devices).platform)
     ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
-    return Mesh(np.asarray(ordered), ("data",))
+    return Mesh(np.asarray(ordered).reshape(mesh_shape(len(ordered), fsdp_size)), AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """The batch: B split over every device of ``mesh``, in process order."""
+    return NamedSharding(mesh, PartitionSpec(AXES))
+
+
+def state_shardings(state: Any, mesh: Mesh, shard: str) -> TrainState:
+    """The placement of each array of ``state`` (a ``TrainState`` of arrays or shape
+    structs): ``sharded.fsdp_spec`` over ``"fsdp"`` for the parts ``shard`` splits
+    (``"params"``: all; ``"opt"``: EMA and optimizer state), replicated otherwise."""
+    n = mesh.shape["fsdp"]
+
+    def rule(split: bool):
+        return lambda a: NamedSharding(mesh, shd.fsdp_spec(a.shape, n) if split else
+                                       PartitionSpec())
+
+    return TrainState(jax.tree.map(rule(shard == "params"), state.params),
+                      jax.tree.map(rule(shard != "none"), state.ema),
+                      jax.tree.map(rule(shard != "none"), state.opt))
+
+
+def place(tree: Any, shardings: Any) -> Any:
+    """Host (or single-device) values -> global arrays with ``shardings`` (a matching tree, or
+    one sharding for all): each process, holding the same values, keeps its own shards."""
+    def put(a: Any, s: NamedSharding) -> jax.Array:
+        host = np.asarray(a)
+        return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
+
+    if isinstance(shardings, NamedSharding):
+        return jax.tree.map(lambda a: put(a, shardings), tree)
+    return jax.tree.map(put, tree, shardings)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
@@ -144,15 +189,16 @@ def loss_fn(params: dict, buffers: dict, batch: dict, cfg: ModelConfig, dtype: A
 
 
 def make_train_step(cfg: ModelConfig, tc: TrainConfig, mesh: Mesh):
-    """The jitted step ``(state, buffers, batch) -> (state, loss, pre-clip grad norm)``: state
-    and buffers replicated over ``mesh``, the batch sharded along B; the state is donated.
-    Built once per (model config, step settings, mesh) in a process, so repeated ``train``
-    calls with the same settings reuse the compiled step."""
-    return compiled_step(cfg, StepSettings.of(tc), mesh)
+    """The jitted step ``(state, buffers, batch) -> (state, loss, pre-clip grad norm)``: the
+    state placed by ``state_shardings(state, mesh, tc.shard)``, buffers replicated, the batch
+    sharded along B; the state is donated. Built once per (model config, step settings,
+    mesh, shard mode) in a process, so repeated ``train`` calls with the same settings reuse
+    the compiled step."""
+    return compiled_step(cfg, StepSettings.of(tc), mesh, tc.shard)
 
 
 @functools.lru_cache(maxsize=16)
-def compiled_step(cfg: ModelConfig, settings: StepSettings, mesh: Mesh):
+def compiled_step(cfg: ModelConfig, settings: StepSettings, mesh: Mesh, shard: str = "none"):
     optimizer = make_optimizer(settings)
     dtype = compute_dtype(settings.precision)
 
@@ -185,14 +231,21 @@ def compiled_step(cfg: ModelConfig, settings: StepSettings, mesh: Mesh):
         return TrainState(params, ema, opt), loss, grad_norm
 
     replicated = NamedSharding(mesh, PartitionSpec())
-    sharded = NamedSharding(mesh, PartitionSpec("data"))
-    jitted = jax.jit(train_step, in_shardings=(replicated, replicated, sharded, replicated),
-                     out_shardings=replicated, donate_argnums=(0,))
+    jitted: dict[Any, Any] = {}  # one jit per state structure (the trained names)
+
+    def jit_for(state: TrainState) -> Any:
+        placed = state_shardings(state, mesh, shard)
+        return jax.jit(train_step,
+                       in_shardings=(placed, replicated, batch_sharding(mesh), replicated),
+                       out_shardings=(placed, replicated, replicated), donate_argnums=(0,))
 
     def step(state: TrainState, buffers: dict, batch: dict, ema_decay: float | None = None):
         """``ema_decay`` overrides the configured decay for this step (EMA warm-up)."""
         decay = settings.ema_decay if ema_decay is None else ema_decay
-        return jitted(state, buffers, batch, jnp.float32(decay))
+        key = jax.tree.structure(state)
+        if key not in jitted:
+            jitted[key] = jit_for(state)
+        return jitted[key](state, buffers, batch, jnp.float32(decay))
 
     return step
 
@@ -210,7 +263,14 @@ def shard_batch(local: dict[str, np.ndarray], sharding: NamedSharding,
 
 # State <-> checkpoint ------------------------------------------------------------------------
 def to_host(tree: dict[str, jax.Array]) -> dict[str, np.ndarray]:
-    return {k: np.asarray(jax.device_get(v), dtype=np.float32) for k, v in tree.items()}
+    """Full float32 host copies. An array split over processes is all-gathered, so with such
+    arrays every process must call it."""
+    def full(a: jax.Array) -> np.ndarray:
+        if a.is_fully_addressable or a.is_fully_replicated:
+            return np.asarray(jax.device_get(a), dtype=np.float32)
+        return np.asarray(multihost_utils.process_allgather(a, tiled=True), dtype=np.float32)
+
+    return {k: full(v) for k, v in tree.items()}
 
 
 def opt_to_checkpoint(opt: optax.OptState, steps_done: int) -> dict[str, np.ndarray]:
@@ -244,8 +304,7 @@ def initial_state(cfg: ModelConfig, tc: TrainConfig, optimizer: optax.GradientTr
     else:  # a fresh run: the core init, or the grafted weights of ``init_from``
         source = init_params(cfg, tc.seed) if init is None else init["params"]
     params = {n: jnp.asarray(source[n], jnp.float32) for n in names}
-    buffers = {n: jnp.asarray(source[n], jnp.float32)
-               for n in sorted(NON_TRAINABLE) + frozen_names(cfg, tc)}
+    buffers = {n: jnp.asarray(source[n], jnp.float32) for n in buffer_names(cfg, tc)}
     ema_src = source if ckpt is None or ckpt.ema is None else ckpt.ema
     if ckpt is None and init is not None:
         ema_src = init["ema"]
@@ -256,6 +315,121 @@ def initial_state(cfg: ModelConfig, tc: TrainConfig, optimizer: optax.GradientTr
     return TrainState(params, ema, opt), buffers
 
 
+def buffer_names(cfg: ModelConfig, tc: TrainConfig) -> list[str]:
+    """The fixed arrays: ``pos_embed``, and the routers of a ``freeze_routing`` run."""
+    return sorted(NON_TRAINABLE) + frozen_names(cfg, tc)
+
+
+def start_state(run: Run, optimizer: optax.GradientTransformation,
+                ckpt: Checkpoint | ShardedCheckpoint | None, mesh: Mesh
+                ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """The run's first state and buffers on ``mesh``: a sharded checkpoint read shard by
+    shard, else the fresh or single-file state placed with the run's shardings (another
+    engine's sharded checkpoint is read whole first, as torch and MLX read Orbax's)."""
+    if isinstance(ckpt, ShardedCheckpoint) and ckpt.engine != shd.ENGINE:
+        ckpt = to_checkpoint(ckpt)
+    if isinstance(ckpt, ShardedCheckpoint):
+        return restore_sharded(ckpt, run.cfg, run.tc, optimizer, mesh)
+    init = run.initial_weights() if ckpt is None else None
+    state, buffers = initial_state(run.cfg, run.tc, optimizer, ckpt, init)
+    return (place(state, state_shardings(state, mesh, run.tc.shard)),
+            place(buffers, NamedSharding(mesh, PartitionSpec())))
+
+
+# Sharded state <-> Orbax checkpoint ----------------------------------------------------------
+def to_flat(state: TrainState, buffers: dict, steps_done: Any) -> dict[str, Any]:
+    """The state under the keys of ``dar_core.io.sharded.flat_keys`` (a buffer is its own
+    EMA); ``steps_done`` is ``opt/step``."""
+    mu, nu = optax.tree_utils.tree_get(state.opt, "mu"), optax.tree_utils.tree_get(state.opt, "nu")
+    flat = {f"params/{k}": v for k, v in {**state.params, **buffers}.items()}
+    flat.update({f"ema/{k}": v for k, v in {**state.ema, **buffers}.items()})
+    flat.update({f"opt/m/{k}": v for k, v in mu.items()})
+    flat.update({f"opt/v/{k}": v for k, v in nu.items()})
+    flat["opt/step"] = steps_done
+    return flat
+
+
+def abstract_state(cfg: ModelConfig, tc: TrainConfig, optimizer: optax.GradientTransformation
+                   ) -> tuple[TrainState, dict[str, jax.ShapeDtypeStruct]]:
+    """The shapes and dtypes of ``initial_state``'s result, without computing any array."""
+    shapes = param_shapes(cfg)
+
+    def struct(n: str) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(tuple(shapes[n]), jnp.float32)
+
+    params = {n: struct(n) for n in trained_names(cfg, tc)}
+    buffers = {n: struct(n) for n in buffer_names(cfg, tc)}
+    return TrainState(params, dict(params), jax.eval_shape(optimizer.init, params)), buffers
+
+
+@functools.lru_cache(maxsize=8)
+def _all_finite(mesh: Mesh):
+    def all_finite(tree: Any) -> jax.Array:
+        ok = [jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)
+              if jnp.issubdtype(a.dtype, jnp.floating)]
+        return jnp.all(jnp.stack(ok))
+
+    return jax.jit(all_finite, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+
+def any_non_finite(tree: Any, mesh: Mesh) -> bool:
+    """Whether any floating array of ``tree`` holds NaN or inf: one reduction over the whole
+    mesh, so every process gets the same answer (every process must call it)."""
+    return not bool(_all_finite(mesh)(tree))
+
+
+def save_sharded(run: Run, steps_done: int, state: TrainState, buffers: dict,
+                 mesh: Mesh) -> None:
+    """Every process: its shards of the state after ``steps_done`` optimizer steps, into
+    ``ckpt-<step>.sharded`` through ``Run.save_sharded`` (which raises on non-finite state)."""
+    flat = to_flat(state, buffers, np.asarray(steps_done, np.int64))
+
+    def barrier() -> None:
+        multihost_utils.sync_global_devices(f"dar checkpoint {steps_done}")
+
+    run.save_sharded(steps_done, shd.ENGINE, lambda folder: shd.save(folder, flat), barrier,
+                     any_non_finite((state, buffers), mesh))
+
+
+def restore_sharded(ckpt: ShardedCheckpoint, cfg: ModelConfig, tc: TrainConfig,
+                    optimizer: optax.GradientTransformation, mesh: Mesh
+                    ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """The state of a sharded checkpoint, each process reading its own shards straight into
+    the run's placement; ``CheckpointError`` for another engine's checkpoint, another set of
+    trained arrays, or a non-finite state."""
+    where = str(ckpt.path)
+    if ckpt.engine != shd.ENGINE:
+        raise CheckpointError(f"checkpoint {where!r} was written by the {ckpt.engine!r} engine, "
+                              f"which JAX does not read: run `dar consolidate {where}` first and "
+                              "resume from the .safetensors file it writes")
+    differ = sorted(set(ckpt.trained) ^ set(trained_names(cfg, tc)))
+    if differ:
+        raise CheckpointError(f"checkpoint {where!r} trained other arrays than this run "
+                              f"({differ[:3]} differ): freeze_routing must match its run's")
+    state, buffers = abstract_state(cfg, tc, optimizer)
+    placed = state_shardings(state, mesh, tc.shard)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def target(a: jax.ShapeDtypeStruct, s: NamedSharding) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+
+    flat = shd.restore(ckpt.state_dir, to_flat(
+        jax.tree.map(target, state, placed), {k: target(v, replicated) for k, v in
+                                              buffers.items()}, None))
+    opt = optax.tree_utils.tree_set(
+        state.opt, mu={n: flat[f"opt/m/{n}"] for n in state.params},
+        nu={n: flat[f"opt/v/{n}"] for n in state.params},
+        count=np.asarray(int(flat["opt/step"]), np.int32))  # Adam's and the schedule's
+    opt = jax.tree.map(lambda a, s: a if isinstance(a, jax.Array) else place(a, s), opt,
+                       placed.opt)
+    state = TrainState({n: flat[f"params/{n}"] for n in state.params},
+                       {n: flat[f"ema/{n}"] for n in state.ema}, opt)
+    buffers = {n: flat[f"params/{n}"] for n in buffers}
+    if any_non_finite((state, buffers), mesh):
+        raise CheckpointError(f"checkpoint {where!r} holds non-finite tensors")
+    return state, buffers
+
+
 # The loop ------------------------------------------------------------------------------------
 def train(tc: TrainConfig, *, devices: Any = None) -> Path:
     """Train (or resume) a run; returns the run folder. ``devices`` overrides ``tc.device``."""
@@ -263,20 +437,19 @@ def train(tc: TrainConfig, *, devices: Any = None) -> Path:
     rank, world = jax.process_index(), jax.process_count()
     run = Run(tc, backend="jax", rank=rank, world=world)
     cfg = run.cfg
-    mesh = make_mesh(devices if devices is not None else tc.device)
+    mesh = make_mesh(devices if devices is not None else tc.device,
+                     tc.fsdp_size if tc.shard != "none" else 1)
     if tc.batch_size % mesh.size:
         raise ConfigError(f"batch_size={tc.batch_size} is not divisible by the {mesh.size} "
                           f"devices of the data mesh")
-    sharded = NamedSharding(mesh, PartitionSpec("data"))
+    batches = batch_sharding(mesh)
     optimizer, schedule = make_optimizer(tc), make_schedule(tc)
-    ckpt = run.resume_checkpoint()
-    init = run.initial_weights() if ckpt is None else None
-    state, buffers = replicate(initial_state(cfg, tc, optimizer, ckpt, init), mesh)
+    state, buffers = start_state(run, optimizer, run.resume_checkpoint(), mesh)
     model = DARTransformer(cfg)
     step_fn = make_train_step(cfg, tc, mesh)
 
-    def ema_weights() -> dict[str, np.ndarray]:
-        return model.export_weights({**state.ema, **buffers})
+    def ema_weights() -> dict[str, np.ndarray]:  # every process (a split EMA is gathered)
+        return model.export_weights({**to_host(state.ema), **to_host(buffers)})
 
     # The loss of step s is fetched after step s+1 is dispatched, so the host never waits on
     # the device mid-stream; it is fetched at once before a checkpoint or sample of step s.
@@ -291,20 +464,25 @@ def train(tc: TrainConfig, *, devices: Any = None) -> Path:
             run.log(s, float(loss), float(grad_norm), lr=float(schedule(s)))
 
     for step in run.steps():
-        batch = shard_batch(run.stream.batch(step, rank, world), sharded, tc.batch_size)
+        batch = shard_batch(run.stream.batch(step, rank, world), batches, tc.batch_size)
         state, loss, grad_norm = step_fn(state, buffers, batch, tc.ema_decay_at(step))
         flush()
         pending = (step, loss, grad_norm)
         if run.should_checkpoint(step) or run.should_sample(step):
             flush()
-        if run.should_checkpoint(step) and run.is_main:
+        if run.should_checkpoint(step):
             n = run.done(step)
-            run.save(n, params=model.export_weights({**state.params, **buffers}), ema=ema_weights(),
-                     opt=opt_to_checkpoint(state.opt, n))
-        if run.should_sample(step) and run.is_main:
-            vm = velocity_model(cfg, ema_weights(), precision=tc.precision,
-                                device=jax.local_devices()[0])
-            run.sample_grid(step, vm.velocity, vm.asarray, vm.to_numpy)
+            if tc.shard != "none":
+                save_sharded(run, n, state, buffers, mesh)
+            elif run.is_main:
+                run.save(n, params=model.export_weights({**state.params, **buffers}),
+                         ema=ema_weights(), opt=opt_to_checkpoint(state.opt, n))
+        if run.should_sample(step):
+            ema = ema_weights()
+            if run.is_main:
+                vm = velocity_model(cfg, ema, precision=tc.precision,
+                                    device=jax.local_devices()[0])
+                run.sample_grid(step, vm.velocity, vm.asarray, vm.to_numpy)
     flush()
     run.finish()
     return run.dir
