@@ -20,16 +20,24 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from dar_core.errors import ConfigError
 from dar_core.io.sharded import mesh_shape
+
+try:  # FSDP2 and public DTensors: torch >= 2.6; below it the trainer is data parallel only
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # pragma: no cover - depends on the installed torch
+    fully_shard = DTensor = None
 
 ENGINE = "torch-dcp"
 
 
 def check_world(mode: str, world: int) -> None:
     """Sharding needs several processes: a ``ConfigError`` before the run folder is touched."""
+    if mode != "none" and fully_shard is None:
+        raise ConfigError(f"shard={mode!r} needs FSDP2 (torch >= 2.6), this is torch "
+                          f"{torch.__version__}")
     if mode != "none" and world < 2:
         raise ConfigError(f"shard={mode!r} needs several processes (torchrun "
                           "--nproc-per-node N dar train ...); with one, use shard='none'")
@@ -39,7 +47,6 @@ def shard_model(root: torch.nn.Module, blocks: torch.nn.ModuleList, mode: str, f
                 world: int, device: torch.device, precision: str) -> None:
     """Make each block and then ``root`` an FSDP2 unit over the run's device mesh."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     data, fsdp = mesh_shape(world, fsdp_size)
     mesh = init_device_mesh(device.type, (data, fsdp), mesh_dim_names=("replicate", "shard")) \
@@ -57,7 +64,7 @@ def like(ref: torch.Tensor, full: np.ndarray) -> torch.Tensor:
     """``full`` placed like ``ref``: this rank's shard of it for a DTensor (sliced locally:
     every rank holds the same full array), else the whole array on ``ref``'s device."""
     t = torch.from_numpy(np.ascontiguousarray(full)).to(ref.dtype)
-    if isinstance(ref, DTensor):
+    if _is_dtensor(ref):
         return distribute_tensor(t.to(ref.device_mesh.device_type), ref.device_mesh,
                                  ref.placements, src_data_rank=None)
     return t.to(ref.device)
@@ -65,13 +72,17 @@ def like(ref: torch.Tensor, full: np.ndarray) -> torch.Tensor:
 
 def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of ``t`` (its storage, for in-place updates)."""
-    return t.to_local() if isinstance(t, DTensor) else t
+    return t.to_local() if _is_dtensor(t) else t
 
 
 def full(t: torch.Tensor) -> np.ndarray:
     """The whole of ``t`` as float32 NumPy (a collective for a DTensor: every rank calls)."""
-    t = t.full_tensor() if isinstance(t, DTensor) else t
+    t = t.full_tensor() if _is_dtensor(t) else t
     return t.detach().float().cpu().numpy()
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
 
 
 def save(state: dict[str, torch.Tensor], folder: Path) -> None:

@@ -160,19 +160,22 @@ def _train(tc: TrainConfig, rank: int, world: int, device: torch.device) -> Path
     if whole is not None or init is not None:
         model.load_weights(whole.params if whole is not None else init["params"])
     model.to(device)
-    ema_src = (whole.weights("ema") if whole is not None else init["ema"] if init is not None
-               else model.export_weights())
+    # the EMA's start: a checkpoint's or a graft's; a fresh run's is its weights
+    ema_src = whole.weights("ema") if whole is not None else init["ema"] if init else None
     for name in frozen_names(run.cfg, tc):
         model.get_parameter(name).requires_grad_(False)
     net: torch.nn.Module = _Velocity(model)
     if sharded:  # weights become DTensor shards; the EMA is sharded like them
         shard_model(net, model.blocks, tc.shard, tc.fsdp_size, world, device, tc.precision)
         ema_model = None
-        ema = {n: like(t, ema_src[n]) for n, t in model.state_dict().items()}
+        ema = {n: t.detach().clone() if ema_src is None else like(t, ema_src[n])
+               for n, t in model.state_dict().items()}
     else:
         ema_model = copy.deepcopy(model).requires_grad_(False).eval()
-        ema_model.load_weights(ema_src)
+        if ema_src is not None:
+            ema_model.load_weights(ema_src)
         ema = dict(ema_model.named_parameters())
+    del whole, init, ema_src  # the whole arrays: only this rank's shards stay
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     params = list(named.values())
     ema_params = [local(ema[n]) for n in named]
@@ -186,6 +189,7 @@ def _train(tc: TrainConfig, rank: int, world: int, device: torch.device) -> Path
             opt.state[p]["step"] = torch.tensor(float(state["opt/step"]))
     elif ckpt is not None:
         opt_state_from_numpy(opt, named, ckpt.opt)
+    del ckpt
     sched = make_scheduler(opt, tc, run.start_step)
 
     if world > 1 and not sharded:
