@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import machine, md_table, write
+from benchmarks.common import machine, md_table, status_mb, write
 
 SHAPE = (4, 32, 32)
 SHARD = 4096
@@ -87,9 +86,9 @@ def measure_loader(folder: Path, batch: int, seconds: float) -> dict:
     """Runs in the child: warm and cold throughput, peak RSS."""
     from dar_core.io.data import ShardDataset
 
-    rss_import = _status_mb("VmRSS")
+    rss_import = status_mb("VmRSS")
     ds = ShardDataset(folder)
-    rss_open = _status_mb("VmRSS")
+    rss_open = status_mb("VmRSS")
     for s in range(3):
         ds.train_batch(s, batch)
     # warm: pages of the rows read are in the page cache (the dataset was just written)
@@ -99,19 +98,7 @@ def measure_loader(folder: Path, batch: int, seconds: float) -> dict:
     rank, _ = _rate_rank(ds, batch * 8, 8, seconds / 2, step + 2 * 10**6)
     return {"n": len(ds), "batch": batch, "warm": warm, "cold": cold, "rank0_of_8": rank,
             "rss_after_import_mb": rss_import, "rss_after_open_mb": rss_open,
-            "peak_rss_mb": _status_mb("VmHWM")}
-
-
-def _status_mb(key: str) -> float:
-    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process in MB. Linux keeps getrusage's
-    maxrss across fork and exec, so a child would report its parent's peak; ``VmHWM``
-    belongs to this process's own address space."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(ln.split()[1]) for ln in f if ln.startswith(key + ":")) / 1024
-    except (OSError, StopIteration):  # not Linux: the best available figure
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (
-            1024 * 1024 if sys.platform == "darwin" else 1024)
+            "peak_rss_mb": status_mb("VmHWM")}
 
 
 def _rate_rank(ds, global_batch: int, world: int, seconds: float, first_step: int):

@@ -49,6 +49,42 @@ def rows_in_fresh_process(module: str, backend: str, flags: list[str]) -> list[d
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def status_mb(key: str) -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process in MB. Linux keeps getrusage's
+    maxrss across fork and exec, so a child would report its parent's peak; ``VmHWM``
+    belongs to this process's own address space."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith(key + ":")) / 1024
+    except (OSError, StopIteration):  # not Linux: the best available figure
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (
+            1024 * 1024 if sys.platform == "darwin" else 1024)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+def return_freed_memory() -> None:
+    """Make glibc serve and return every block over 64 KiB by mmap (so freed tensors leave
+    the resident set; also turns off its adaptive threshold), and trim now (Linux)."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.mallopt(_M_MMAP_THRESHOLD, 1 << 16)
+    libc.mallopt(_M_TRIM_THRESHOLD, 1 << 16)
+    libc.malloc_trim(0)
+
+
+def reset_peak() -> float:
+    """Reset the kernel's peak-RSS mark (``VmHWM``) to the resident set now; returns it (MB)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return status_mb("VmRSS")
+
+
 def machine() -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(),
             "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()}

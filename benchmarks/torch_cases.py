@@ -4,12 +4,11 @@ routing aggregation (forward + backward) in the optimized and the naive form."""
 from __future__ import annotations
 
 import copy
-import ctypes
-import ctypes.util
 
 import numpy as np
 import torch
 
+from benchmarks.common import reset_peak, return_freed_memory, status_mb
 from dar_core.backends.torch import DARTransformer
 from dar_core.backends.torch.routing import History
 from dar_core.backends.torch.trainer import ema_update, loss_fn, make_optimizer
@@ -18,7 +17,6 @@ from dar_core.spec.routing import route
 from dar_core.train.run import TrainConfig
 
 NAME = "torch"
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
 
 def _batch(cfg: ModelConfig, b: int, seed: int = 0):
@@ -53,11 +51,6 @@ def train_step(cfg: ModelConfig, batch_size: int, routing_impl: str = "history",
     return step
 
 
-def _status_mb(key: str) -> float:
-    with open("/proc/self/status") as f:
-        return next(int(ln.split()[1]) for ln in f if ln.startswith(key + ":")) / 1024
-
-
 def peak_memory_mb(cfg: ModelConfig, batch_size: int) -> float:
     """Peak memory of one training step above the memory held before it (weights, gradients,
     optimizer state), after two warm-up steps. CUDA: the caching allocator's statistics. CPU
@@ -73,17 +66,13 @@ def peak_memory_mb(cfg: ModelConfig, batch_size: int) -> float:
         step()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - held) / 2**20
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    libc.mallopt(_M_MMAP_THRESHOLD, 1 << 16)  # also turns off glibc's adaptive threshold
-    libc.mallopt(_M_TRIM_THRESHOLD, 1 << 16)
+    return_freed_memory()
     step = train_step(cfg, batch_size)
     step(), step()
-    libc.malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current resident set
-    held = _status_mb("VmRSS")
+    return_freed_memory()
+    held = reset_peak()
     step()
-    return _status_mb("VmHWM") - held
+    return status_mb("VmHWM") - held
 
 
 def sample_step(cfg: ModelConfig, batch_size: int):
