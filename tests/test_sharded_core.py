@@ -78,3 +78,35 @@ def test_mlx_refuses_sharding_and_says_what_to_do_instead(tmp_path):
     with pytest.raises(ConfigError, match="data parallel only.*--grad-accum"):
         train(TrainConfig(model="micro", shard="params", out=str(tmp_path / "r")))
     assert not (tmp_path / "r").exists()  # refused before the run folder was made
+
+
+def test_an_asynchronous_save_is_completed_at_the_next_save_and_at_the_end(tmp_path):
+    from dar_core.errors import NonFiniteLossError
+    from dar_core.train.run import Run
+
+    tc = TrainConfig(model="micro", out=str(tmp_path / "run"), tensorboard=False,
+                     keep_checkpoints=5)
+    run = Run(tc, backend="torch")
+    run.resume_checkpoint()
+    waited = []
+
+    def write(step):
+        def start(folder):
+            folder.mkdir()  # the engine's files, "still being written"
+            return lambda: waited.append(step)
+        return start
+
+    ckpts = run.ckpt_dir
+    run.save_sharded(2, "torch-dcp", write(2), lambda: None, any_bad=False)
+    assert not (ckpts / "ckpt-0000002.sharded").exists()  # in flight: not a checkpoint yet
+    assert (ckpts / ".ckpt-0000002.sharded.tmp").is_dir() and waited == []
+    run.save_sharded(4, "torch-dcp", write(4), lambda: None, any_bad=False)
+    assert waited == [2] and read_manifest(ckpts / "ckpt-0000002.sharded").meta["step"] == 2
+    with pytest.raises(NonFiniteLossError, match="after step 6.*ckpt-0000004.sharded"):
+        run.save_sharded(6, "torch-dcp", write(6), lambda: None, any_bad=True)
+    assert waited == [2, 4] and not (ckpts / ".ckpt-0000006.sharded.tmp").exists()
+    run.save_sharded(8, "torch-dcp", write(8), lambda: None, any_bad=False)
+    run.finish()
+    assert waited == [2, 4, 8]
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        "ckpt-0000002.sharded", "ckpt-0000004.sharded", "ckpt-0000008.sharded"]

@@ -81,11 +81,12 @@ def _close(sharded, one, what):
         assert err <= (1e-4 * scale[k[:2]] if k != "step" else 0), (what, "opt", k, err)
 
 
-@pytest.mark.parametrize("mode", ["params", "opt"])
-def test_two_rank_sharded_run_matches_single_process(tmp_path, single, mode):
+@pytest.mark.parametrize("mode, save", [("params", "--async-save"), ("opt", "--async-save"),
+                                        ("params", "--no-async-save")])
+def test_two_rank_sharded_run_matches_single_process(tmp_path, single, mode, save):
     out = tmp_path / "run"
-    subprocess.run(_torchrun(2, "--steps", "4", "--ckpt-every", "4", "--shard", mode, "--out",
-                             str(out)), check=True, env=_env(), timeout=300)
+    subprocess.run(_torchrun(2, "--steps", "4", "--ckpt-every", "4", "--shard", mode, save,
+                             "--out", str(out)), check=True, env=_env(), timeout=300)
     one = load_checkpoint(single / "checkpoints" / "ckpt-0000004.safetensors")
     files = _files_per_key(out / "checkpoints" / "ckpt-0000004.sharded" / "state")
     assert len({f for fs in files.values() for f in fs}) == 2  # one file per rank

@@ -54,12 +54,24 @@ def _orbax() -> Any:
     return ocp
 
 
-def save(folder: Path, flat: dict[str, Any]) -> None:
+def save(folder: Path, flat: dict[str, Any], background: bool = False) -> Any:
     """Write this process's shards of ``flat`` (key -> ``jax.Array`` or NumPy value) as the
-    Orbax checkpoint ``folder``; every process calls it, and it returns once written."""
+    Orbax checkpoint ``folder``; every process calls it. It returns once written, or with
+    ``background`` once Orbax has copied the arrays to host memory, returning a ``wait()``
+    that blocks until the files are written (Orbax's ``AsyncCheckpointer``)."""
     ocp = _orbax()
     tree = {encode_key(k): v for k, v in flat.items()}
-    ocp.PyTreeCheckpointer().save(Path(folder), args=ocp.args.PyTreeSave(tree))
+    if not background:
+        ocp.PyTreeCheckpointer().save(Path(folder), args=ocp.args.PyTreeSave(tree))
+        return None
+    checkpointer = ocp.AsyncCheckpointer(ocp.PyTreeCheckpointHandler())
+    checkpointer.save(Path(folder), args=ocp.args.PyTreeSave(tree))
+
+    def wait() -> None:
+        checkpointer.wait_until_finished()
+        checkpointer.close()
+
+    return wait
 
 
 def restore(folder: Path, targets: dict[str, Any]) -> dict[str, Any]:

@@ -387,7 +387,8 @@ def save_sharded(run: Run, steps_done: int, state: TrainState, buffers: dict,
     def barrier() -> None:
         multihost_utils.sync_global_devices(f"dar checkpoint {steps_done}")
 
-    run.save_sharded(steps_done, shd.ENGINE, lambda folder: shd.save(folder, flat), barrier,
+    run.save_sharded(steps_done, shd.ENGINE,
+                     lambda folder: shd.save(folder, flat, background=run.tc.async_save), barrier,
                      any_non_finite((state, buffers), mesh))
 
 

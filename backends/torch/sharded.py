@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -85,9 +86,16 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
 
-def save(state: dict[str, torch.Tensor], folder: Path) -> None:
-    """Every rank writes its shards of ``state`` (the flat keys of ``dar_core.io.sharded``)."""
-    dcp.save(state, checkpoint_id=str(folder))
+def save(state: dict[str, torch.Tensor], folder: Path, group: Any = None) -> Any:
+    """Every rank writes its shards of ``state`` (the flat keys of ``dar_core.io.sharded``).
+    With ``group`` (a gloo process group of its own, so the writer thread's collectives never
+    interleave with training's), ``dcp.async_save``: the state is copied to host memory
+    before it returns, and the returned ``wait()`` blocks until the files are written."""
+    if group is None:
+        dcp.save(state, checkpoint_id=str(folder))
+        return None
+    future = dcp.async_save(state, checkpoint_id=str(folder), process_group=group)
+    return lambda: future.result()
 
 
 def load(state: dict[str, torch.Tensor], folder: Path) -> None:

@@ -198,6 +198,7 @@ def _train(tc: TrainConfig, rank: int, world: int, device: torch.device) -> Path
     if tc.compile:
         net = torch.compile(net)
     max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
+    ckpt_group = dist.new_group(backend="gloo") if sharded and tc.async_save else None
 
     K = tc.grad_accum
     for step in run.steps():
@@ -227,7 +228,7 @@ def _train(tc: TrainConfig, rank: int, world: int, device: torch.device) -> Path
         n = run.done(step)
         if run.should_checkpoint(step) and sharded:
             state = flat_state(model, ema, opt, named, torch.tensor(n, dtype=torch.int64))
-            run.save_sharded(n, ENGINE, lambda folder, s=state: save_sharded(s, folder),
+            run.save_sharded(n, ENGINE, lambda folder, s=state: save_sharded(s, folder, ckpt_group),
                              dist.barrier, any_non_finite(list(state.values())))
         elif run.should_checkpoint(step):
             run.save(n, params=model.export_weights(), ema=ema_model.export_weights(),

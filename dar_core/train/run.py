@@ -129,6 +129,7 @@ class TrainConfig:
     grad_checkpoint: bool = False
     shard: str = "none"  # "params" (FSDP / ZeRO-3) or "opt" (optimizer state, gradients, EMA)
     fsdp_size: int = 0  # devices each shard group spans (0: all; fewer: hybrid sharding)
+    async_save: bool = True  # sharded checkpoints written in the background (the engine's)
     freeze_routing: bool = False  # routers stay at their init (zero query: uniform routing)
     device: str = "auto"
     progress: bool = True
@@ -177,7 +178,8 @@ class TrainConfig:
         if isinstance(self.holdout, bool) or not isinstance(self.holdout, int) \
                 or self.holdout < 0:
             raise ConfigError(f"holdout must be an integer >= 0, got {self.holdout!r}")
-        for f in ("ema_warmup", "overwrite", "tensorboard", "flip", "freeze_routing"):
+        for f in ("ema_warmup", "overwrite", "tensorboard", "flip", "freeze_routing",
+                  "async_save"):
             if not isinstance(getattr(self, f), bool):
                 raise ConfigError(f"{f} must be a bool, got {getattr(self, f)!r}")
         self.model_config()  # validates model and routing fields
@@ -324,6 +326,7 @@ class Run:
         self._stop_step: int | None = None  # the step whose end saves and stops
         self._writers: list[Any] = []  # TensorBoard, W&B: opened once the start is known
         self._decoder: Any = None  # the data's VAE, loaded at the first latent sample grid
+        self._pending: tuple | None = None  # a sharded save still being written (async)
         if self.is_main:
             self._claim()
 
@@ -487,12 +490,19 @@ class Run:
         self.plot()
         return path
 
-    def save_sharded(self, step: int, engine: str, write: Callable[[Path], None],
-                     barrier: Callable[[], None], any_bad: bool) -> Path | None:
+    def save_sharded(self, step: int, engine: str, write: Callable[[Path], Any],
+                     barrier: Callable[[], None], any_bad: bool) -> None:
         """Every rank: write this rank's shards of ``ckpt-<step>.sharded`` with
         ``write(state_folder)`` (``dar_core.io.sharded``); rank 0 then writes the manifest,
         renames the folder into place and prunes old checkpoints. ``any_bad``: whether any
-        rank holds a non-finite tensor (the same on every rank), which saves nothing."""
+        rank holds a non-finite tensor (the same on every rank), which saves nothing.
+
+        ``write`` may return a ``wait()`` that blocks until its shards are written (an
+        engine's asynchronous save, which has copied the state before returning): training
+        goes on, and the folder is completed at the next save, at the end of the run, or when
+        it stops. A run killed meanwhile loses only that save (its temp folder is removed at
+        the next claim)."""
+        self.complete_save()
         if any_bad:
             last = self._halt()
             raise NonFiniteLossError(
@@ -504,19 +514,30 @@ class Run:
             _remove(tmp)
             tmp.mkdir(parents=True)
         barrier()
-        write(tmp / "state")
-        barrier()
-        if not self.is_main:
-            barrier()  # rank 0 renames and prunes
+        self._pending = (write(tmp / "state"), barrier, tmp, step, engine)
+        if self._pending[0] is None:
+            self.complete_save()
+
+    def complete_save(self) -> Path | None:
+        """Every rank: finish the sharded save in flight, if any (wait for this rank's shards;
+        rank 0 writes the manifest, renames, prunes); the checkpoint on rank 0."""
+        if self._pending is None:
             return None
-        final = finalize(tmp, self.ckpt_dir / f"ckpt-{step:07d}.sharded", self.cfg, engine,
-                         trained_names(self.cfg, self.tc),
-                         {"step": step, "train": self.tc.to_dict(), "backend": self.backend,
-                          "world": self.world})
-        older = [p for p in self.checkpoints() if _step(p) <= step]
-        for old in older[: -self.tc.keep_checkpoints]:
-            _remove(old)
-        self.plot()
+        wait, barrier, tmp, step, engine = self._pending
+        self._pending = None
+        if wait is not None:
+            wait()
+        barrier()
+        final = None
+        if self.is_main:
+            final = finalize(tmp, self.ckpt_dir / f"ckpt-{step:07d}.sharded", self.cfg,
+                             engine, trained_names(self.cfg, self.tc),
+                             {"step": step, "train": self.tc.to_dict(),
+                              "backend": self.backend, "world": self.world})
+            older = [p for p in self.checkpoints() if _step(p) <= step]
+            for old in older[: -self.tc.keep_checkpoints]:
+                _remove(old)
+            self.plot()
         barrier()
         return final
 
@@ -547,7 +568,9 @@ class Run:
                         f"--resume auto --out {self.tc.out}")
 
     def _halt(self) -> Path | None:
-        """Close the progress bar of a run that stops early; its newest checkpoint, if any."""
+        """Close the progress bar of a run that stops early (completing a save in flight); its
+        newest checkpoint, if any."""
+        self.complete_save()
         if self._bar is not None:
             self._bar.close()
         self._close_writers()
@@ -593,7 +616,8 @@ class Run:
 
     def log(self, step: int, loss: float, grad_norm: float, **extra: float) -> None:
         """Record one step; raise NonFiniteLossError naming the step on NaN/inf loss."""
-        if not math.isfinite(loss):
+        if not math.isfinite(loss):  # every rank sees the same (reduced) loss: all stop here
+            self.complete_save()
             if self._bar is not None:
                 self._bar.close()
             raise NonFiniteLossError(
@@ -663,6 +687,7 @@ class Run:
             plot_training(self.metrics_path, self.dir / "training.png")
 
     def finish(self) -> None:
+        self.complete_save()
         if self._bar is not None:
             self._bar.close()
         self._close_writers()
