@@ -258,3 +258,30 @@ def test_restore_refuses_non_finite_and_foreign_checkpoints(tmp_path):
     shapes = flat_keys(cfg, ckpt.trained)
     with pytest.raises(CheckpointError, match=r"shape .* expected \(1, 2\)"):
         shd.read_full(ckpt.state_dir, {**shapes, f"params/{QKV}": (1, 2)})
+
+
+# Four devices as 2 replicas x 2 shards (hybrid sharding), against one device.
+HYBRID_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax
+    from dar_core.train.run import TrainConfig
+    from dar_core.backends.jax import train
+    from dar_core.backends.jax.trainer import make_mesh
+    tc = TrainConfig(**json.loads(sys.argv[1]))
+    train(tc.replace(out=tc.out + "/one"), devices=jax.devices()[:1])
+    train(tc.replace(out=tc.out + "/hybrid", shard="params", fsdp_size=2))
+    print(json.dumps({"mesh": dict(make_mesh(fsdp_size=2).shape)}))
+""")
+
+
+def test_hybrid_sharding_over_a_2x2_mesh_matches_one_device(tmp_path, tmp_path_factory):
+    tc = TrainConfig(**TRAIN, steps=2, ckpt_every=2, adam_eps=1e-4, out=str(tmp_path))
+    env = jax_env(tmp_path_factory, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    info = _run(HYBRID_SCRIPT, tc, env, timeout=400)
+    assert info["mesh"] == {"data": 2, "fsdp": 2}
+    one = load_checkpoint(tmp_path / "one" / "checkpoints" / "ckpt-0000002.safetensors")
+    two = load_checkpoint(consolidate(tmp_path / "hybrid"))
+    for k in one.params:  # the bound of test_sharded_modes_match_one_device
+        assert np.abs(two.params[k] - one.params[k]).max() <= 1e-3 * tc.lr, k
+    np.testing.assert_allclose(_metric(tmp_path / "hybrid"), _metric(tmp_path / "one"),
+                               rtol=1e-5)
