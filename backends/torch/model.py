@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint as torch_checkpoint
 from dar_core.errors import ConfigError, InputError
 from dar_core.spec.config import LN_EPS, ModelConfig
 from dar_core.spec.patches import unpatchify
-from dar_core.spec.routing import router_query, source_slices
+from dar_core.spec.routing import fold_query, router_query, source_slices
 from dar_core.spec.schema import init_params, pos_embed_2d
 from dar_core.spec.timestep import FREQUENCY_DIM, timestep_frequencies
 from dar_core.spec.validate import check_shapes, check_values
@@ -109,6 +109,12 @@ class Router(nn.Module):
             self.query = nn.Parameter(torch.zeros(hidden))
         self.time_gain = nn.Parameter(torch.ones(1)) if time_gain else None
 
+    def folded_query(self, newest: Tensor) -> Tensor:
+        """The dynamic query already folded, ``fold_query(W_q v_{l-1}, w)``, as one projection
+        by the folded ``W_q^T * w / sqrt(d)``: no unfolded ``[B, T, d]`` query is kept for the
+        backward (the projection keeps only ``v_{l-1}``, a source kept anyway)."""
+        return newest @ fold_query(self.query_proj.weight.T, self.norm.weight)  # [B, T, d]
+
     def raw_query(self, t_emb: Tensor, newest: Tensor) -> Tensor:
         """``q_l(t)``: ``[d]``, ``[B, 1, d]`` or ``[B, T, d]`` (docs/spec.md §3)."""
         if self.kind == "dynamic":
@@ -125,6 +131,20 @@ def aggregate(state: History | NaiveHistory | ResidualStream, router: Router | N
         return state.read(k, None, None)
     q = router.raw_query(t_emb, state.newest)  # [d] | [B, 1, d] | [B, T, d]
     return state.read(k, q, router.norm.weight)
+
+
+def aggregate_normed(state: History | NaiveHistory | ResidualStream, router: Router | None,
+                     k: int, t_emb: Tensor, norm: nn.LayerNorm) -> Tensor:
+    """``norm(aggregate(...))``, the normalized input of a sublayer or of the final layer.
+    ``History.read_normed`` rebuilds the routed input in the backward instead of keeping it;
+    the other states (naive, residual, diagnostics' traces) keep it."""
+    read_normed = getattr(state, "read_normed", None)
+    if router is None or read_normed is None:
+        return norm(aggregate(state, router, k, t_emb))
+    if router.kind == "dynamic":
+        return read_normed(k, router.folded_query(state.newest), None, norm.eps)
+    q = router.raw_query(t_emb, state.newest)  # [d] | [B, 1, d]
+    return read_normed(k, q, router.norm.weight, norm.eps)
 
 
 class DiTBlock(nn.Module):
@@ -150,19 +170,21 @@ class DiTBlock(nn.Module):
         when the gradient reaches its outputs)."""
         (shift_msa, scale_msa, gate_msa,
          shift_mlp, scale_mlp, gate_mlp) = self.adaLN_modulation(c).chunk(6, dim=1)  # [B, d]
-        h = aggregate(state, self.attn_router, k, t_emb)  # [B, T, d]
-        v_attn = _run(self.attn_branch, checkpoint, h, shift_msa, scale_msa, gate_msa)
+        x = aggregate_normed(state, self.attn_router, k, t_emb, self.norm1)  # [B, T, d]
+        v_attn = _run(self.attn_branch, checkpoint, x, shift_msa, scale_msa, gate_msa)
         state.write(v_attn)
-        h = aggregate(state, self.mlp_router, k + 1, t_emb)  # [B, T, d]
-        v_mlp = _run(self.mlp_branch, checkpoint, h, shift_mlp, scale_mlp, gate_mlp)
+        x = aggregate_normed(state, self.mlp_router, k + 1, t_emb, self.norm2)  # [B, T, d]
+        v_mlp = _run(self.mlp_branch, checkpoint, x, shift_mlp, scale_mlp, gate_mlp)
         state.write(v_mlp)
         return v_attn, v_mlp
 
-    def attn_branch(self, h: Tensor, shift: Tensor, scale: Tensor, gate: Tensor) -> Tensor:
-        return gate.unsqueeze(1) * self.attn(modulate(self.norm1(h), shift, scale))  # [B, T, d]
+    def attn_branch(self, x: Tensor, shift: Tensor, scale: Tensor, gate: Tensor) -> Tensor:
+        """``x``: the normalized input ``norm1(h)``."""
+        return gate.unsqueeze(1) * self.attn(modulate(x, shift, scale))  # [B, T, d]
 
-    def mlp_branch(self, h: Tensor, shift: Tensor, scale: Tensor, gate: Tensor) -> Tensor:
-        return gate.unsqueeze(1) * self.mlp(modulate(self.norm2(h), shift, scale))  # [B, T, d]
+    def mlp_branch(self, x: Tensor, shift: Tensor, scale: Tensor, gate: Tensor) -> Tensor:
+        """``x``: the normalized input ``norm2(h)``."""
+        return gate.unsqueeze(1) * self.mlp(modulate(x, shift, scale))  # [B, T, d]
 
 
 def _run(branch, checkpoint: bool, h: Tensor, *mods: Tensor) -> Tensor:
@@ -179,9 +201,10 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden, patch * patch * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
 
-    def forward(self, h: Tensor, c: Tensor) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        """``x``: the normalized input ``norm_final(h)``."""
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # [B, d] each
-        return self.linear(modulate(self.norm_final(h), shift, scale))  # [B, T, p*p*C]
+        return self.linear(modulate(x, shift, scale))  # [B, T, p*p*C]
 
 
 class DARTransformer(nn.Module):
@@ -270,6 +293,7 @@ class DARTransformer(nn.Module):
         state = (state_factory or self.new_state)(v0)
         for i, block in enumerate(self.blocks):
             block(state, 2 * i, c, t_emb, self.grad_checkpoint)  # writes v_{2i+1}, v_{2i+2}
-        h = aggregate(state, self.final_router, self.config.num_sublayers, t_emb)  # [B, T, d]
-        out = self.final_layer(h, c)  # [B, T, p*p*C]
+        x = aggregate_normed(state, self.final_router, self.config.num_sublayers, t_emb,
+                             self.final_layer.norm_final)  # [B, T, d]
+        out = self.final_layer(x, c)  # [B, T, p*p*C]
         return unpatchify(out, self.config.patch_size, self.config.out_channels)  # [B,C,H,W]

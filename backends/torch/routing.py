@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib.util
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from dar_core.errors import ConfigError
@@ -50,6 +51,31 @@ def _dot(v: Tensor, q: Tensor) -> Tensor:
     return (v @ q.transpose(1, 2)).squeeze(-1)  # [B, T, 1] -> [B, T]
 
 
+class _RecomputedNorm(torch.autograd.Function):
+    """``LayerNorm(h)`` (no affine) for a routed input ``h = sum_i alpha_i v_i`` that it does
+    not keep: the backward rebuilds ``h`` from the weights and the sources, which the routing
+    keeps anyway, so the routed input costs no memory between the passes (a residual model
+    keeps its stream there: with this, DAR's kept tensors match residual's). Only ``h`` gets
+    a gradient here; the weights and sources get theirs through ``h``'s own graph."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, eps: float, alpha: Tensor, *values: Tensor) -> Tensor:
+        mean = h.mean(-1, keepdim=True)  # [B, T, 1]
+        rstd = torch.rsqrt((h - mean).square().mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(alpha, mean, rstd, *values)
+        return (h - mean) * rstd
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):
+        alpha, mean, rstd, *values = ctx.saved_tensors
+        h = values[0] * alpha[0].unsqueeze(-1)
+        for j, v in enumerate(values[1:], 1):
+            h = h + v * alpha[j].unsqueeze(-1)  # the forward's sum, in the forward's order
+        xhat = (h - mean) * rstd
+        gh = rstd * (gy - gy.mean(-1, keepdim=True) - xhat * (gy * xhat).mean(-1, keepdim=True))
+        return (gh, None, None) + (None,) * len(values)
+
+
 class History:
     """The routing state of one forward pass (see the module docstring)."""
 
@@ -68,11 +94,13 @@ class History:
         self.values.append(va)
         self.rstd.append(torch.rsqrt(va.square().mean(-1) + self.eps))
 
-    def read(self, k: int, raw_query: Tensor, norm_weight: Tensor) -> Tensor:
-        """Input of aggregator ``k`` (0-indexed), ``[B, T, d]`` (at least float32)."""
+    def read(self, k: int, raw_query: Tensor, norm_weight: Tensor | None) -> Tensor:
+        """Input of aggregator ``k`` (0-indexed), ``[B, T, d]`` (at least float32);
+        ``norm_weight=None``: ``raw_query`` is already folded (``Router.folded_query``)."""
         idx = [i for s in self.slices[k] for i in range(len(self.values))[s]]
         with torch.autocast(raw_query.device.type, enabled=False):  # routing math in float32
-            q = fold_query(_acc(raw_query), _acc(norm_weight))
+            q = _acc(raw_query) if norm_weight is None else fold_query(_acc(raw_query),
+                                                                       _acc(norm_weight))
             if self.fused:  # one pass over the sources (backends/torch/triton_route.py)
                 from .triton_route import fused_mix
 
@@ -87,6 +115,19 @@ class History:
                 h = h + self.values[i] * alpha[j].unsqueeze(-1)
         self.weights.append(alpha.detach())
         return h
+
+    def read_normed(self, k: int, raw_query: Tensor, norm_weight: Tensor | None,
+                    ln_eps: float) -> Tensor:
+        """``LayerNorm(read(k, ...))`` (no affine, ``ln_eps``) with the routed input rebuilt in
+        the backward instead of kept (``_RecomputedNorm``); the fused kernel's reads are
+        normalized as they are."""
+        h = self.read(k, raw_query, norm_weight)
+        if self.fused or not torch.is_grad_enabled():
+            return F.layer_norm(h, h.shape[-1:], eps=ln_eps)
+        idx = [i for s in self.slices[k] for i in range(len(self.values))[s]]
+        with torch.autocast(raw_query.device.type, enabled=False):
+            return _RecomputedNorm.apply(h, ln_eps, self.weights[-1],
+                                         *[self.values[i].detach() for i in idx])
 
 
 class FusedHistory(History):
