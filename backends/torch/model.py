@@ -219,7 +219,7 @@ class DARTransformer(nn.Module):
     """
 
     def __init__(self, config: ModelConfig, *, seed: int = 0, routing_impl: str = "history",
-                 grad_checkpoint: bool = False):
+                 grad_checkpoint: bool = False, recompute_routing: bool = True):
         super().__init__()
         if routing_impl not in ROUTING_IMPLS:
             raise ConfigError(f"routing_impl must be one of {ROUTING_IMPLS}, got {routing_impl!r}")
@@ -227,6 +227,7 @@ class DARTransformer(nn.Module):
         d = cfg.hidden_size
         self.routing_impl = routing_impl
         self.grad_checkpoint = grad_checkpoint
+        self.recompute_routing = recompute_routing  # History.read_normed: h rebuilt, not kept
         self.slices = source_slices(cfg.num_sublayers, cfg.routing)
         self.x_embedder = PatchEmbed(cfg.in_channels, d, cfg.patch_size)
         self.t_embedder = TimestepEmbedder(d)
@@ -282,7 +283,10 @@ class DARTransformer(nn.Module):
             impl = ResidualStream
         else:
             impl = {"naive": NaiveHistory, "fused": FusedHistory}.get(self.routing_impl, History)
-        return impl(v0, self.slices, cfg.routing.norm_eps)
+        state = impl(v0, self.slices, cfg.routing.norm_eps)
+        if isinstance(state, History):
+            state.recompute = self.recompute_routing
+        return state
 
     def velocity(self, x: Tensor, t: Tensor, y: Tensor, state_factory=None) -> Tensor:
         """The unchecked forward. ``state_factory(v0)``, when given, builds the routing state

@@ -83,6 +83,7 @@ class History:
 
     def __init__(self, v0: Tensor, slices: list, eps: float):
         self.slices, self.eps = slices, eps
+        self.recompute = True  # read_normed rebuilds the routed input in the backward
         self.values: list[Tensor] = []  # v_l, [B, T, d], at least float32
         self.rstd: list[Tensor] = []  # 1 / rms(v_l), [B, T]
         self.weights: list[Tensor] = []  # alpha of every read, [N, B, T]
@@ -122,7 +123,7 @@ class History:
         the backward instead of kept (``_RecomputedNorm``); the fused kernel's reads are
         normalized as they are."""
         h = self.read(k, raw_query, norm_weight)
-        if self.fused or not torch.is_grad_enabled():
+        if self.fused or not self.recompute or not torch.is_grad_enabled():
             return F.layer_norm(h, h.shape[-1:], eps=ln_eps)
         idx = [i for s in self.slices[k] for i in range(len(self.values))[s]]
         with torch.autocast(raw_query.device.type, enabled=False):

@@ -155,7 +155,8 @@ def _train(tc: TrainConfig, rank: int, world: int, device: torch.device) -> Path
         ckpt = to_checkpoint(ckpt)  # read whole: an unsharded run, or another engine's
 
     init = run.initial_weights() if ckpt is None else None
-    model = DARTransformer(run.cfg, seed=tc.seed, grad_checkpoint=tc.grad_checkpoint)
+    model = DARTransformer(run.cfg, seed=tc.seed, grad_checkpoint=tc.grad_checkpoint,
+                           recompute_routing=tc.recompute_routing)
     whole = ckpt if not isinstance(ckpt, ShardedCheckpoint) else None
     if whole is not None or init is not None:
         model.load_weights(whole.params if whole is not None else init["params"])
