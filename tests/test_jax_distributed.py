@@ -94,6 +94,18 @@ def _metric(run_dir, key="loss"):
     return [json.loads(ln)[key] for ln in (run_dir / "metrics.jsonl").open()]
 
 
+def assert_bit_identical(a, b, run_a, run_b):
+    """Checkpoints ``a`` and ``b`` hold the same tensors bit for bit, and their runs logged
+    the same step, loss and grad norm at every step."""
+    for section in ("params", "ema", "opt"):
+        sa, sb = getattr(a, section), getattr(b, section)
+        assert set(sa) == set(sb)
+        for k in sa:
+            assert np.array_equal(sa[k], sb[k]), (section, k)
+    for key in ("step", "loss", "grad_norm"):
+        assert _metric(run_b, key) == _metric(run_a, key), key
+
+
 def test_two_device_data_parallel_matches_one_device(tmp_path, tmp_path_factory):
     tc = TrainConfig(**TRAIN, steps=3, ckpt_every=3, adam_eps=1e-4,
                      out=str(tmp_path / "runs"))
@@ -147,13 +159,7 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path, tmp_path_factory):
     assert _run(RUN_SCRIPT, killed.replace(resume="auto"), env)["traces"] == 1
     a = load_checkpoint(tmp_path / "full" / "checkpoints" / f"ckpt-{steps:07d}.safetensors")
     b = load_checkpoint(ckpt_dir / f"ckpt-{steps:07d}.safetensors")
-    for section in ("params", "ema", "opt"):
-        sa, sb = getattr(a, section), getattr(b, section)
-        assert set(sa) == set(sb)
-        for k in sa:
-            assert np.array_equal(sa[k], sb[k]), (section, k)
-    for key in ("step", "loss", "grad_norm"):  # every step, bitwise
-        assert _metric(tmp_path / "killed", key) == _metric(tmp_path / "full", key)
+    assert_bit_identical(a, b, tmp_path / "full", tmp_path / "killed")
 
 
 def _free_port():

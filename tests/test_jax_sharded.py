@@ -19,7 +19,14 @@ pytest.importorskip("optax")
 pytest.importorskip("orbax.checkpoint")
 
 from jax.sharding import PartitionSpec as P  # noqa: E402
-from test_jax_distributed import RUN_SCRIPT, TRAIN, _metric, _run, jax_env  # noqa: E402
+from test_jax_distributed import (  # noqa: E402
+    RUN_SCRIPT,
+    TRAIN,
+    _metric,
+    _run,
+    assert_bit_identical,
+    jax_env,
+)
 
 from dar_core.backend import BACKENDS, is_installed, load_backend  # noqa: E402
 from dar_core.backends.jax import sharded as shd  # noqa: E402
@@ -191,13 +198,7 @@ def test_sigkilled_sharded_run_resumes_bit_identical(tmp_path, tmp_path_factory)
     a = load_checkpoint(consolidate(tmp_path / "full"))
     b = load_checkpoint(consolidate(tmp_path / "killed"))
     assert a.meta["step"] == b.meta["step"] == steps
-    for section in ("params", "ema", "opt"):
-        sa, sb = getattr(a, section), getattr(b, section)
-        assert set(sa) == set(sb)
-        for k in sa:
-            assert np.array_equal(sa[k], sb[k]), (section, k)
-    for key in ("step", "loss", "grad_norm"):  # every step, bitwise
-        assert _metric(tmp_path / "killed", key) == _metric(tmp_path / "full", key)
+    assert_bit_identical(a, b, tmp_path / "full", tmp_path / "killed")
 
 
 # In-process: the placement rule, the key escaping, refused checkpoints ----------------------
