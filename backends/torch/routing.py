@@ -95,10 +95,14 @@ class History:
         self.values.append(va)
         self.rstd.append(torch.rsqrt(va.square().mean(-1) + self.eps))
 
+    def _sources(self, k: int) -> list[int]:
+        """History indices of aggregator ``k``'s sources (its strided slices)."""
+        return [i for s in self.slices[k] for i in range(len(self.values))[s]]
+
     def read(self, k: int, raw_query: Tensor, norm_weight: Tensor | None) -> Tensor:
         """Input of aggregator ``k`` (0-indexed), ``[B, T, d]`` (at least float32);
         ``norm_weight=None``: ``raw_query`` is already folded (``Router.folded_query``)."""
-        idx = [i for s in self.slices[k] for i in range(len(self.values))[s]]
+        idx = self._sources(k)
         with torch.autocast(raw_query.device.type, enabled=False):  # routing math in float32
             q = _acc(raw_query) if norm_weight is None else fold_query(_acc(raw_query),
                                                                        _acc(norm_weight))
@@ -125,7 +129,7 @@ class History:
         h = self.read(k, raw_query, norm_weight)
         if self.fused or not self.recompute or not torch.is_grad_enabled():
             return F.layer_norm(h, h.shape[-1:], eps=ln_eps)
-        idx = [i for s in self.slices[k] for i in range(len(self.values))[s]]
+        idx = self._sources(k)
         with torch.autocast(raw_query.device.type, enabled=False):
             return _RecomputedNorm.apply(h, ln_eps, self.weights[-1],
                                          *[self.values[i].detach() for i in idx])

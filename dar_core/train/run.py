@@ -487,11 +487,15 @@ class Run:
         meta = {"step": step, "train": self.tc.to_dict(), "backend": self.backend,
                 "world": self.world}
         save_checkpoint(path, self.cfg, params, ema=ema, opt=opt, state=state, meta=meta)
+        self._prune(step)
+        return path
+
+    def _prune(self, step: int) -> None:
+        """Keep the newest ``keep_checkpoints`` checkpoints up to ``step``; redraw the plot."""
         older = [p for p in self.checkpoints() if _step(p) <= step]
         for old in older[: -self.tc.keep_checkpoints]:
             _remove(old)
         self.plot()
-        return path
 
     def save_sharded(self, step: int, engine: str, write: Callable[[Path], Any],
                      barrier: Callable[[], None], any_bad: bool) -> None:
@@ -537,10 +541,7 @@ class Run:
                              engine, trained_names(self.cfg, self.tc),
                              {"step": step, "train": self.tc.to_dict(),
                               "backend": self.backend, "world": self.world})
-            older = [p for p in self.checkpoints() if _step(p) <= step]
-            for old in older[: -self.tc.keep_checkpoints]:
-                _remove(old)
-            self.plot()
+            self._prune(step)
         barrier()
         return final
 
