@@ -81,6 +81,9 @@ def test_unknown_preset_and_fields():
         TrainConfig(lr=-1.0)
     with pytest.raises(ConfigError, match="precision.*'fp8'"):
         TrainConfig(precision="fp8")
+    with pytest.raises(ConfigError, match=r"routing_impl must be one of \['auto', 'history', "
+                                          r"'fused'\], got 'triton'"):
+        TrainConfig(routing_impl="triton")
 
 
 def test_json_round_trip():

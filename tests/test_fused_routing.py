@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dar_core.conformance import test_routing_op as routing_op
+from dar_core.conformance.kernel_check import grad_err
 from dar_core.conformance.tolerances import route_grad_scales, tol
 from dar_core.errors import InputError
 from dar_core.spec.routing import fold_query, route
@@ -123,12 +124,6 @@ def _fused_pallas(v, q, w, g, ga, src_dtype, cached):
     return [np.asarray(x.astype(jnp.float32), np.float64) for x in (h, a, *grads)]
 
 
-def _grad_err(got, ref, scale):
-    """As the conformance check: relative to the gradient's size or, where its terms cancel,
-    to theirs."""
-    return float(np.abs(got - ref).max()) / max(float(np.abs(ref).max()), scale, 1e-30)
-
-
 def _check_float32(kernel, inp, cached):
     v, q, w, g = inp
     h64, a64, dv64, dq64, dw64 = oracle(v, q, w, g)
@@ -138,7 +133,7 @@ def _check_float32(kernel, inp, cached):
     assert rel_err(a, a64) <= tol("route"), rel_err(a, a64)
     scales = route_grad_scales(v, q, w, g)
     for what, got, ref in (("dv", dv, dv64), ("dq", dq, dq64), ("dw", dw, dw64)):
-        err = _grad_err(got, ref, scales[what])
+        err = grad_err(got, ref, scales[what])
         assert err <= tol("route_grad"), (what, err)
 
 
@@ -309,3 +304,151 @@ def test_torch_model_with_the_fused_kernel_matches_the_history_path():
     for a, b in zip(gf, gh, strict=True):
         bound = tol("grad_atol") * np.abs(b).max() + tol("grad_rtol") * np.abs(b)
         assert np.all(np.abs(a - b) <= bound), float((np.abs(a - b) / bound).max())
+
+
+# routing_impl="auto": the kernel's self-check and the dispatch ------------------------------
+def _history_run(impl, *inputs):
+    """``kernel_check``'s ``run`` with the torch per-source path on both sides."""
+    from dar_core.backends.torch.routing import _check_read
+
+    return _check_read(torch.device("cpu"), "history", *inputs)
+
+
+def test_kernel_check_names_a_failing_or_wrong_kernel():
+    from dar_core.conformance.kernel_check import disagreement
+
+    assert disagreement(_history_run) is None
+
+    def raises(impl, *inputs):
+        if impl == "fused":
+            raise RuntimeError("PTX assembly failed\nsecond line")
+        return _history_run(impl, *inputs)
+
+    def scaled(what, factor):
+        def run(impl, *inputs):
+            out = _history_run(impl, *inputs)
+            if impl == "fused":
+                out[what] = out[what] * factor
+            return out
+        return run
+
+    assert disagreement(raises) == "static float32: RuntimeError: PTX assembly failed"
+    assert disagreement(scaled(2, 1 + 1e-3)).startswith("static float32: dv off by")
+    assert disagreement(scaled(0, np.nan)) == "static float32: the kernel's h is not finite"
+    # the bounds are relative to the terms where they cancel (the shared query's gradient)
+    assert "float32: dq off by" in disagreement(scaled(3, 1 + 1e-3))
+
+
+@pytest.mark.skipif(TRITON is None, reason=TRITON_WHY)
+def test_triton_kernel_passes_its_self_check():
+    from dar_core.backends.torch.routing import _check_read
+    from dar_core.conformance.kernel_check import disagreement
+
+    assert disagreement(lambda impl, *a: _check_read(torch.device(DEVICE), impl, *a),
+                        DEVICE) is None
+
+
+def test_torch_auto_takes_the_kernel_only_on_cuda_after_its_check(monkeypatch):
+    from types import SimpleNamespace
+
+    from dar_core.backends.torch import routing as R
+
+    assert R.resolve_impl("auto", torch.zeros(1)) == "history"  # the CPU
+    assert R.resolve_impl("history", torch.zeros(1)) == "history"
+    cuda = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.float32)
+    if TRITON is not None:
+        monkeypatch.setattr(R, "fused_checked", lambda device: True)
+        assert R.resolve_impl("auto", cuda) == "fused"
+        assert R.resolve_impl("auto", SimpleNamespace(device=cuda.device,
+                                                      dtype=torch.float64)) == "history"
+    monkeypatch.setattr(R, "fused_checked", lambda device: False)
+    assert R.resolve_impl("auto", cuda) == "history"
+
+
+def test_torch_failed_check_warns_once_and_keeps_the_per_source_path(monkeypatch):
+    from dar_core.backends.torch import routing as R
+
+    original = R._check_read
+
+    def broken(device, impl, *inputs):
+        if impl == "fused":
+            raise RuntimeError("no kernel image is available")
+        return original(device, impl, *inputs)
+
+    monkeypatch.setattr(R, "_check_read", broken)
+    monkeypatch.setattr(R, "_CHECKED", {})
+    with pytest.warns(RuntimeWarning, match=r"failed its check on cpu \(static float32: "
+                                            r"RuntimeError: no kernel image"):
+        assert R.fused_checked(torch.device("cpu")) is False
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # checked once per device: no second warning
+        assert R.fused_checked(torch.device("cpu")) is False
+
+
+@pytest.mark.skipif(TRITON is None, reason=TRITON_WHY)
+def test_torch_fused_history_keeps_half_sources():
+    from dar_core.backends.torch.routing import FusedHistory
+
+    v = torch.randn(2, 3, 8, dtype=torch.bfloat16, device=DEVICE)
+    state = FusedHistory(v, [(slice(0, 1),)], 1e-6)
+    assert state.values[0].dtype == torch.bfloat16 and state.rstd[0].dtype == torch.float32
+
+
+@pytest.mark.skipif(PALLAS is None, reason=PALLAS_WHY)
+def test_pallas_self_check_runs_inside_a_trace_and_passes():
+    """``fused_checked`` is reached while a forward pass is traced: its thread computes
+    concrete numbers there, and the interpreted kernel passes."""
+    import jax
+
+    from dar_core.backends.jax import routing as R
+
+    result = jax.jit(lambda x: x * float(R.fused_checked.__wrapped__("cpu")))(1.0)
+    assert float(result) == 1.0
+
+
+@pytest.mark.skipif(PALLAS is None, reason=PALLAS_WHY)
+def test_jax_auto_takes_the_kernel_only_on_an_accelerator_after_its_check(monkeypatch):
+    import jax
+    import jax.numpy as jnp
+
+    from dar_core.backends.jax import routing as R
+
+    assert R.resolve_impl("auto", jnp.float32) == "history"  # the CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    monkeypatch.setattr(R, "fused_checked", lambda platform: platform == "tpu")
+    assert R.resolve_impl("auto", jnp.bfloat16) == "fused"
+    assert R.resolve_impl("auto", jnp.float64) == "history"  # float64 accumulation
+    monkeypatch.setattr(R, "fused_checked", lambda platform: False)
+    assert R.resolve_impl("auto", jnp.float32) == "history"
+
+
+@pytest.mark.skipif(PALLAS is None, reason=PALLAS_WHY)
+def test_jax_model_with_the_fused_kernel_matches_the_history_path():
+    """``forward(routing_impl="fused")``: the micro model's velocity and every parameter
+    gradient as the per-source path's (dynamic queries, chunk 2)."""
+    import jax
+    import jax.numpy as jnp
+
+    from dar_core.backends.jax.model import forward
+    from dar_core.spec.config import RoutingConfig, model_config
+    from dar_core.spec.schema import random_params
+
+    cfg = model_config("micro", routing=RoutingConfig(query="dynamic", chunk_size=2))
+    p = {k: jnp.asarray(v) for k, v in random_params(cfg, seed=3, dtype=np.float32).items()}
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 8, 8)), jnp.float32)
+    t, y = jnp.asarray([0.3, 0.8], jnp.float32), jnp.asarray([1, 2])
+
+    def run(impl):
+        def loss(params):
+            v = forward(params, cfg, x, t, y, routing_impl=impl)
+            return jnp.sum(jnp.square(v)), v
+        (_, v), g = jax.value_and_grad(loss, has_aux=True)(p)
+        return np.asarray(v, np.float64), {k: np.asarray(a, np.float64) for k, a in g.items()}
+
+    (vf, gf), (vh, gh) = run("fused"), run("history")
+    assert rel_err(vf, vh) <= tol("forward"), rel_err(vf, vh)
+    for k, b in gh.items():
+        bound = tol("grad_atol") * np.abs(b).max() + tol("grad_rtol") * np.abs(b)
+        assert np.all(np.abs(gf[k] - b) <= bound), (k, float((np.abs(gf[k] - b) / bound).max()))

@@ -185,6 +185,8 @@ def test_bad_inputs_raise_named_errors():
         m(x_nan, t, y)
     with pytest.raises(ConfigError, match="'fast'"):
         DARTransformer(cfg, routing_impl="fast")
+    with pytest.raises(ConfigError, match="no fused routing kernel"):
+        DARTransformer(cfg, routing_impl="fused")
     with pytest.raises(ConfigError, match="fp16"):
         velocity_model(cfg, random_params(cfg), precision="fp16")
     with pytest.raises(ConfigError, match="'mps'"):

@@ -24,9 +24,10 @@ from dar_core.spec.schema import check_params, init_params, router_prefixes
 from dar_core.spec.timestep import timestep_embedding, timestep_frequencies
 from dar_core.spec.validate import check_shapes, check_values
 
-from .routing import History, NaiveHistory, ResidualStream, slices_of
+from .routing import FusedHistory, History, NaiveHistory, ResidualStream, resolve_impl, slices_of
 
-ROUTING_IMPLS = ("history", "naive")
+# dar_core.spec.config.ROUTING_IMPLS and "naive"; fused: the Pallas kernel (pallas_route.py)
+ROUTING_IMPLS = ("auto", "history", "fused", "naive")
 
 _FREQS = timestep_frequencies()  # [128] float64, cast to the accumulation dtype when used
 
@@ -127,7 +128,7 @@ def final_layer(p: dict, cfg: ModelConfig, h: jax.Array, c: jax.Array) -> jax.Ar
     return unpatchify(out, cfg.patch_size, cfg.out_channels)  # [B, C, H, W]
 
 
-def new_state(cfg: ModelConfig, v0: jax.Array, routing_impl: str = "history"):
+def new_state(cfg: ModelConfig, v0: jax.Array, routing_impl: str = "auto"):
     """The routing state of one forward pass, holding ``v_0`` ``[B, T, d]``."""
     if routing_impl not in ROUTING_IMPLS:
         raise ConfigError(f"routing_impl must be one of {list(ROUTING_IMPLS)}, "
@@ -135,16 +136,20 @@ def new_state(cfg: ModelConfig, v0: jax.Array, routing_impl: str = "history"):
     if not cfg.routing.is_dar:
         impl = ResidualStream
     else:
-        impl = NaiveHistory if routing_impl == "naive" else History
+        impl = {"naive": NaiveHistory, "fused": FusedHistory}.get(
+            resolve_impl(routing_impl, v0.dtype), History)
     return impl(v0, slices_of(cfg.num_sublayers, cfg.routing), cfg.routing.norm_eps)
 
 
 def forward(p: dict, cfg: ModelConfig, x: jax.Array, t: jax.Array, y: jax.Array,
-            routing_impl: str = "history", remat: bool = False) -> jax.Array:
+            routing_impl: str = "auto", remat: bool = False) -> jax.Array:
     """Velocity ``[B, C, H, W]`` (float32, or float64 for float64 parameters). Pure and
     jit-able: no validation here.
 
-    ``routing_impl="naive"`` reads sources with the core's four-pass ``route`` (tests);
+    ``routing_impl``: ``"history"`` (per-source ops), ``"fused"`` (the Pallas kernel,
+    interpreted on the CPU), ``"auto"`` (the kernel on a GPU or TPU once it passed its
+    self-check, ``routing.fused_checked``; ``"history"`` on the CPU), ``"naive"`` (the core's
+    four-pass ``route``, tests);
     ``remat`` recomputes sublayer internals in the backward pass."""
     v0, t_emb, c = embed(p, cfg, x, t, y)  # [B, T, d], [B, d], [B, d]
     state = new_state(cfg, v0, routing_impl)
@@ -158,7 +163,7 @@ def forward(p: dict, cfg: ModelConfig, x: jax.Array, t: jax.Array, y: jax.Array,
 # One jitted forward for every model: compiled once per (config, shapes, dtypes), so a new
 # DARTransformer or velocity_model of a config already seen (e.g. each sample grid during
 # training) reuses the executable.
-forward_jit = jax.jit(forward, static_argnums=(1,))
+forward_jit = jax.jit(forward, static_argnums=(1,), static_argnames=("routing_impl", "remat"))
 
 
 def cast(params: dict, dtype: jnp.dtype) -> dict:

@@ -31,17 +31,21 @@ interface as the torch and MLX backends.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from dar_core.spec import routing as spec_routing
 from dar_core.spec.config import RoutingConfig
 from dar_core.spec.routing import NaiveHistory, fold_query, source_slices
 
-__all__ = ["History", "NaiveHistory", "ResidualStream", "mix", "route", "slices_of"]
+__all__ = ["FusedHistory", "History", "NaiveHistory", "ResidualStream", "fused_checked", "mix",
+           "resolve_impl", "route", "slices_of"]
 
 
 @functools.lru_cache(maxsize=64)
@@ -78,6 +82,79 @@ class History:
         values = [v for s in self.slices[k] for v in self.values[s]]  # N x [B, T, d]
         rstd = [r for s in self.slices[k] for r in self.rstd[s]]  # N x [B, T]
         return mix(values, rstd, qw, self.acc)[0].astype(self.newest.dtype)
+
+
+class FusedHistory(History):
+    """``History`` whose reads run the one-pass Pallas kernel (``pallas_route.fused_mix``)
+    with the cached inverse RMS: lowered for GPU (Triton) or TPU (Mosaic), run by Pallas's
+    interpreter on the CPU. float32 accumulation only: a float64 model reads through ``mix``.
+    ``routing_impl="fused"`` asks for it, ``"auto"`` takes it on a GPU or TPU once it has
+    passed its self-check there (``fused_checked``)."""
+
+    def read(self, k: int, raw_query: jax.Array, norm_weight: jax.Array) -> jax.Array:
+        if self.acc != jnp.float32:
+            return super().read(k, raw_query, norm_weight)
+        from .pallas_route import fused_mix
+
+        qw = fold_query(raw_query.astype(self.acc), norm_weight.astype(self.acc))
+        values = [v for s in self.slices[k] for v in self.values[s]]
+        rstd = [r for s in self.slices[k] for r in self.rstd[s]]
+        return fused_mix(values, rstd, qw, self.acc, eps=self.eps)[0].astype(self.newest.dtype)
+
+
+def resolve_impl(impl: str, dtype: jnp.dtype) -> str:
+    """The routing implementation a forward pass over ``dtype`` sources runs: ``impl``, or for
+    ``"auto"`` the fused kernel on a GPU or TPU default backend where it passed its
+    self-check and the accumulation is float32, else ``"history"``."""
+    if impl != "auto":
+        return impl
+    platform = jax.default_backend()
+    if platform == "cpu" or jnp.promote_types(dtype, jnp.float32) != jnp.float32:
+        return "history"
+    return "fused" if fused_checked(platform) else "history"
+
+
+@functools.cache
+def fused_checked(platform: str) -> bool:
+    """Whether the fused kernel agrees with ``History`` on ``platform``
+    (``dar_core.conformance.kernel_check``), checked once per platform and process; a failure
+    is reported once as a warning naming it, and ``"auto"`` keeps ``History``. It runs in a
+    thread of its own: ``resolve_impl`` is called while a forward pass is being traced, and
+    JAX's tracing state is per thread, so the check computes concrete numbers."""
+    from dar_core.conformance.kernel_check import disagreement
+
+    kind = {"gpu": "cuda", "cuda": "cuda", "rocm": "cuda", "tpu": "tpu"}.get(platform, "cpu")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        why = pool.submit(disagreement, _check_read, kind).result()
+    if why:
+        warnings.warn(f"routing_impl='auto': the fused routing kernel failed its check on "
+                      f"{platform} ({why}); routing with History ('history')", RuntimeWarning,
+                      stacklevel=2)
+    return why is None
+
+
+def _check_read(impl: str, v, q, w, g, dtype: str) -> list:
+    """One read of all sources ``v [N, B, T, d]`` through ``impl``'s history with the loss
+    ``sum(h * g)``: ``[h, alpha, dv, dq, dw]`` as NumPy (``kernel_check``'s ``run``)."""
+    n = v.shape[0]
+
+    def loss(vj, qj, wj):
+        state = (FusedHistory if impl == "fused" else History)(vj[0], ((slice(0, n),),), 1e-6)
+        for i in range(1, n):
+            state.write(vj[i])
+        values, rstd = state.values, state.rstd
+        qw = fold_query(qj, wj)
+        if impl == "fused":
+            from .pallas_route import fused_mix
+
+            h, alpha = fused_mix(values, rstd, qw, jnp.float32, eps=1e-6)
+        else:
+            h, alpha = mix(values, rstd, qw, jnp.float32)
+        return jnp.sum(h * g), (h, alpha)
+
+    args = (jnp.asarray(v, getattr(jnp, dtype)), jnp.asarray(q), jnp.asarray(w))
+    (_, (h, alpha)), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(*args)
+    return [np.asarray(jnp.asarray(a, jnp.float32), np.float64) for a in (h, alpha, *grads)]
 
 
 class ResidualStream(spec_routing.ResidualStream):

@@ -42,6 +42,7 @@ from dar_core.train.schedule import warmup_length
 from . import sharded as shd
 from .device import compute_dtype, resolve_device
 from .model import DARTransformer, cast, forward
+from .routing import resolve_impl
 from .velocity import velocity_model
 
 # Times each traced function was traced (a Python side effect runs only while tracing).
@@ -144,6 +145,7 @@ class StepSettings(NamedTuple):
     min_lr: float
     schedule_steps: int  # the run length, where the schedule depends on it (cosine), else 0
     grad_accum: int
+    routing_impl: str
 
     @classmethod
     def of(cls, tc: TrainConfig) -> StepSettings:
@@ -179,12 +181,12 @@ def make_optimizer(tc: TrainConfig | StepSettings) -> optax.GradientTransformati
 
 
 def loss_fn(params: dict, buffers: dict, batch: dict, cfg: ModelConfig, dtype: Any,
-            remat: bool = False) -> jax.Array:
+            remat: bool = False, routing_impl: str = "auto") -> jax.Array:
     """Mean squared error between the predicted and the true velocity ``x - noise``."""
     full = cast({**params, **buffers}, dtype)  # compute copy (a no-op for float32)
     x, noise, t, y = batch["x"], batch["noise"], batch["t"], batch["y"]
     x_t = interpolate(x, noise, t)  # [B, C, H, W]
-    pred = forward(full, cfg, x_t, t, y, remat=remat)  # [B, C, H, W] float32
+    pred = forward(full, cfg, x_t, t, y, routing_impl, remat)  # [B, C, H, W] float32
     return jnp.mean(jnp.square(pred - velocity_target(x, noise)))
 
 
@@ -207,14 +209,15 @@ def compiled_step(cfg: ModelConfig, settings: StepSettings, mesh: Mesh, shard: s
 
     def loss_and_grads(params: dict, buffers: dict, batch: dict):
         if K == 1:
-            return value_and_grad(params, buffers, batch, cfg, dtype, settings.grad_checkpoint)
+            return value_and_grad(params, buffers, batch, cfg, dtype, settings.grad_checkpoint,
+                                  settings.routing_impl)
         # micro-batch j = rows j::K (TrainStream): [B] -> [B/K, K] -> [K, B/K], B/K sharded
         micro = jax.tree.map(
             lambda v: jnp.swapaxes(v.reshape((v.shape[0] // K, K) + v.shape[1:]), 0, 1), batch)
 
         def add(acc, b):
             loss, grads = value_and_grad(params, buffers, b, cfg, dtype,
-                                         settings.grad_checkpoint)
+                                         settings.grad_checkpoint, settings.routing_impl)
             return (acc[0] + loss, jax.tree.map(jnp.add, acc[1], grads)), None
 
         zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
@@ -448,6 +451,9 @@ def train(tc: TrainConfig, *, devices: Any = None) -> Path:
     state, buffers = start_state(run, optimizer, run.resume_checkpoint(), mesh)
     model = DARTransformer(cfg)
     step_fn = make_train_step(cfg, tc, mesh)
+    if run.is_main and cfg.routing.is_dar:
+        impl = resolve_impl(tc.routing_impl, compute_dtype(tc.precision))
+        print(f"routing: {impl} (routing_impl={tc.routing_impl!r}, {jax.default_backend()})")
 
     def ema_weights() -> dict[str, np.ndarray]:  # every process (a split EMA is gathered)
         return model.export_weights({**to_host(state.ema), **to_host(buffers)})

@@ -31,7 +31,9 @@ from dar_core.spec.validate import check_shapes, check_values
 
 from .routing import History, NaiveHistory, ResidualStream
 
-ROUTING_IMPLS = ("history", "naive")
+# dar_core.spec.config.ROUTING_IMPLS without "fused" (README.md, "No fused Metal kernel"),
+# and "naive"; "auto" is "history" here
+ROUTING_IMPLS = ("auto", "history", "naive")
 
 
 def modulate(x: mx.array, shift: mx.array, scale: mx.array) -> mx.array:
@@ -218,16 +220,25 @@ class DARTransformer(nn.Module):
 
     ``seed`` draws the core's initialization (``dar_core.spec.schema.init_params``) in NumPy;
     ``dtype`` is the compute dtype (float32 or bfloat16; weights are always float32);
-    ``routing_impl="naive"`` reads sources with the core's four-pass ``route`` (tests);
+    ``routing_impl``: ``"auto"``/``"history"`` route with per-source MLX ops, ``"naive"``
+    with the core's four-pass ``route`` (tests); there is no fused kernel (README.md);
     ``grad_checkpoint`` recomputes attention and MLP internals in the backward pass.
     """
 
-    def __init__(self, config: ModelConfig, seed: int = 0, dtype: mx.Dtype = mx.float32,
-                 routing_impl: str = "history", grad_checkpoint: bool = False):
-        super().__init__()
+    @staticmethod
+    def check_routing_impl(routing_impl: str) -> None:
+        if routing_impl == "fused":
+            raise ConfigError("routing_impl='fused': the MLX backend has no fused routing "
+                              "kernel (backends/mlx/README.md, 'No fused Metal kernel'); "
+                              "use 'auto' or 'history'")
         if routing_impl not in ROUTING_IMPLS:
             raise ConfigError(f"routing_impl must be one of {list(ROUTING_IMPLS)}, "
                               f"got {routing_impl!r}")
+
+    def __init__(self, config: ModelConfig, seed: int = 0, dtype: mx.Dtype = mx.float32,
+                 routing_impl: str = "auto", grad_checkpoint: bool = False):
+        super().__init__()
+        self.check_routing_impl(routing_impl)
         if dtype not in (mx.float32, mx.bfloat16):
             raise ConfigError(f"dtype must be mlx.core.float32 or bfloat16, got {dtype!r}")
         cfg = config

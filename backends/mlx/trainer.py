@@ -180,6 +180,7 @@ def train(tc: TrainConfig) -> Path:
         raise ConfigError(f"shard={tc.shard!r}: MLX's mx.distributed is data parallel only; "
                           "on Apple silicon fit a larger model with --grad-accum K and "
                           "--grad-checkpoint, or shard it with the torch or jax backend")
+    DARTransformer.check_routing_impl(tc.routing_impl)  # before the run folder is claimed
     group = mx.distributed.init()  # a one-process group unless started by mlx.launch
     rank, world = group.rank(), group.size()
     run = Run(tc, backend="mlx", rank=rank, world=world)
@@ -189,7 +190,8 @@ def train(tc: TrainConfig) -> Path:
     if isinstance(ckpt, ShardedCheckpoint):  # a sharded torch/JAX run's: read it whole
         ckpt = to_checkpoint(ckpt)
 
-    model = DARTransformer(cfg, seed=tc.seed, dtype=dtype, grad_checkpoint=tc.grad_checkpoint)
+    model = DARTransformer(cfg, seed=tc.seed, dtype=dtype, grad_checkpoint=tc.grad_checkpoint,
+                           routing_impl=tc.routing_impl)
     freeze(model, frozen_names(cfg, tc))
     optimizer = make_optimizer(tc)
     optimizer.init(model.trainable_parameters())

@@ -23,9 +23,10 @@ from dar_core.spec.schema import init_params, pos_embed_2d
 from dar_core.spec.timestep import FREQUENCY_DIM, timestep_frequencies
 from dar_core.spec.validate import check_shapes, check_values
 
-from .routing import FusedHistory, History, NaiveHistory, ResidualStream
+from .routing import FusedHistory, History, NaiveHistory, ResidualStream, resolve_impl
 
-ROUTING_IMPLS = ("history", "fused", "naive")  # fused: the Triton kernel (triton_route.py)
+# dar_core.spec.config.ROUTING_IMPLS and "naive"; fused: the Triton kernel (triton_route.py)
+ROUTING_IMPLS = ("auto", "history", "fused", "naive")
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -213,12 +214,14 @@ class DARTransformer(nn.Module):
 
     ``forward(x, t, y)`` validates its inputs and returns the velocity ``[B, C, H, W]``;
     ``velocity(x, t, y)`` is the unchecked hot path used by training and sampling.
-    ``routing_impl="naive"`` uses the core's four-pass reference routing (for tests);
-    ``"fused"`` the one-pass Triton kernel of ``triton_route`` (CUDA, or Triton's interpreter
-    on CPU tensors; checked so far only under the interpreter).
+    ``routing_impl``: ``"history"`` routes with per-source torch ops; ``"fused"`` with the
+    one-pass Triton kernel of ``triton_route`` (CUDA, or Triton's interpreter on CPU tensors);
+    ``"auto"`` (default) takes the kernel on CUDA once it has passed its self-check there
+    (``routing.fused_checked``), ``"history"`` elsewhere; ``"naive"`` the core's four-pass
+    reference routing (for tests).
     """
 
-    def __init__(self, config: ModelConfig, *, seed: int = 0, routing_impl: str = "history",
+    def __init__(self, config: ModelConfig, *, seed: int = 0, routing_impl: str = "auto",
                  grad_checkpoint: bool = False, recompute_routing: bool = True):
         super().__init__()
         if routing_impl not in ROUTING_IMPLS:
@@ -282,7 +285,8 @@ class DARTransformer(nn.Module):
         if not cfg.routing.is_dar:
             impl = ResidualStream
         else:
-            impl = {"naive": NaiveHistory, "fused": FusedHistory}.get(self.routing_impl, History)
+            impl = {"naive": NaiveHistory, "fused": FusedHistory}.get(
+                resolve_impl(self.routing_impl, v0), History)
         state = impl(v0, self.slices, cfg.routing.norm_eps)
         if isinstance(state, History):
             state.recompute = self.recompute_routing

@@ -24,7 +24,9 @@ interface as the JAX and MLX backends.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +35,8 @@ from torch import Tensor
 from dar_core.errors import ConfigError
 from dar_core.spec.routing import NaiveHistory, ResidualStream, fold_query
 
-__all__ = ["FusedHistory", "History", "NaiveHistory", "ResidualStream"]
+__all__ = ["FusedHistory", "History", "NaiveHistory", "ResidualStream", "check_fused",
+           "fused_checked", "resolve_impl"]
 
 def _acc(x: Tensor) -> Tensor:
     """At least float32 (bf16/fp16 activations are routed in float32, float64 stays)."""
@@ -137,14 +140,81 @@ class History:
 
 class FusedHistory(History):
     """``History`` whose reads run the one-pass Triton kernel (``triton_route.fused_mix``):
-    compiled on CUDA, run by Triton's interpreter on CPU tensors. It has only run under the
-    interpreter so far, so the model uses it when asked (``routing_impl="fused"``), never by
-    default."""
+    compiled on CUDA, run by Triton's interpreter on CPU tensors. Sources are kept in their
+    own dtype (bf16 under autocast: half the bytes the kernel reads), their inverse RMS in
+    float32; the kernel accumulates in float32. ``routing_impl="fused"`` asks for it,
+    ``"auto"`` takes it on CUDA once it has passed its self-check (``fused_checked``)."""
 
     fused = True
 
     def __init__(self, v0: Tensor, slices: list, eps: float):
-        if importlib.util.find_spec("triton") is None:
-            raise ConfigError("routing_impl='fused' needs triton (pip install "
-                              "'dar-core[kernels]'); 'history' works everywhere")
+        check_fused(v0.device)
         super().__init__(v0, slices, eps)
+
+    def write(self, v: Tensor) -> None:
+        self.newest = v
+        self.values.append(v)
+        self.rstd.append(torch.rsqrt(_acc(v).square().mean(-1) + self.eps))
+
+
+def check_fused(device: torch.device) -> None:
+    """``routing_impl='fused'`` can run on ``device``: triton installed, and a CUDA device or
+    Triton's interpreter (``TRITON_INTERPRET=1`` before the kernels were imported)."""
+    if importlib.util.find_spec("triton") is None:
+        raise ConfigError("routing_impl='fused' needs triton (pip install "
+                          "'dar-core[kernels]'); 'history' works everywhere")
+    from .triton_route import interpreted
+
+    if device.type != "cuda" and not interpreted():
+        raise ConfigError(f"routing_impl='fused' runs the Triton kernel on CUDA, got device "
+                          f"{device} (Triton's interpreter: TRITON_INTERPRET=1); use 'auto' "
+                          "or 'history'")
+
+
+def resolve_impl(impl: str, v0: Tensor) -> str:
+    """The routing implementation a forward pass with ``v_0`` runs: ``impl``, or for
+    ``"auto"`` the fused kernel on a CUDA device where triton is installed, the sources are not
+    float64 and the kernel passed its self-check there, else ``"history"``."""
+    if impl != "auto":
+        return impl
+    if (v0.device.type != "cuda" or v0.dtype == torch.float64
+            or importlib.util.find_spec("triton") is None):
+        return "history"
+    return "fused" if fused_checked(v0.device) else "history"
+
+
+_CHECKED: dict[str, bool] = {}
+
+
+@torch.compiler.disable
+def fused_checked(device: torch.device) -> bool:
+    """Whether the fused kernel agrees with the per-source path on ``device``
+    (``dar_core.conformance.kernel_check``), checked once per device and process; a failure
+    is reported once as a warning naming it, and ``"auto"`` keeps the per-source path."""
+    key = str(device)
+    if key not in _CHECKED:
+        from dar_core.conformance.kernel_check import disagreement
+
+        why = disagreement(functools.partial(_check_read, device), device.type)
+        if why:
+            warnings.warn(f"routing_impl='auto': the fused routing kernel failed its check on "
+                          f"{key} ({why}); routing with the per-source ops ('history')",
+                          RuntimeWarning, stacklevel=2)
+        _CHECKED[key] = why is None
+    return _CHECKED[key]
+
+
+def _check_read(device: torch.device, impl: str, v, q, w, g, dtype: str) -> list:
+    """One read of all sources ``v [N, B, T, d]`` through ``impl``'s history with the loss
+    ``sum(h * g)``: ``[h, alpha, dv, dq, dw]`` as NumPy (``kernel_check``'s ``run``)."""
+    cls = FusedHistory if impl == "fused" else History
+    vs = [torch.tensor(x, device=device).to(getattr(torch, dtype)).requires_grad_() for x in v]
+    qt, wt = (torch.tensor(a, device=device, requires_grad=True) for a in (q, w))
+    with torch.enable_grad():
+        state = cls(vs[0], [(slice(0, len(vs)),)], 1e-6)
+        for x in vs[1:]:
+            state.write(x)
+        h = state.read(0, qt, wt)
+        (h * torch.tensor(g, device=device)).sum().backward()
+    out = (h, state.weights[-1], torch.stack([x.grad for x in vs]), qt.grad, wt.grad)
+    return [a.detach().double().cpu().numpy() for a in out]

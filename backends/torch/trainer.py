@@ -28,6 +28,7 @@ from dar_core.train.schedule import warmup_length
 
 from .device import autocast, resolve_device
 from .model import DARTransformer
+from .routing import check_fused, resolve_impl
 from .sharded import ENGINE, any_non_finite, check_world, full, like, local, shard_model
 from .sharded import load as load_sharded
 from .sharded import save as save_sharded
@@ -148,6 +149,8 @@ def train(tc: TrainConfig) -> Path:
 
 
 def _train(tc: TrainConfig, rank: int, world: int, device: torch.device) -> Path:
+    if tc.routing_impl == "fused":
+        check_fused(device)  # before the run folder is claimed
     run = Run(tc, backend="torch", rank=rank, world=world)
     ckpt = run.resume_checkpoint()
     sharded = tc.shard != "none"
@@ -156,11 +159,14 @@ def _train(tc: TrainConfig, rank: int, world: int, device: torch.device) -> Path
 
     init = run.initial_weights() if ckpt is None else None
     model = DARTransformer(run.cfg, seed=tc.seed, grad_checkpoint=tc.grad_checkpoint,
-                           recompute_routing=tc.recompute_routing)
+                           recompute_routing=tc.recompute_routing, routing_impl=tc.routing_impl)
     whole = ckpt if not isinstance(ckpt, ShardedCheckpoint) else None
     if whole is not None or init is not None:
         model.load_weights(whole.params if whole is not None else init["params"])
     model.to(device)
+    if run.is_main and run.cfg.routing.is_dar:
+        impl = resolve_impl(tc.routing_impl, torch.empty(0, device=device))
+        print(f"routing: {impl} (routing_impl={tc.routing_impl!r}, {device})")
     # the EMA's start: a checkpoint's or a graft's; a fresh run's is its weights
     ema_src = whole.weights("ema") if whole is not None else init["ema"] if init else None
     for name in frozen_names(run.cfg, tc):

@@ -205,12 +205,14 @@ class _FusedMix(torch.autograd.Function):
         return (dqt, None, None, None, *dvs, *drs)
 
 
+@torch.compiler.disable  # the launch reads data pointers: compiled graphs break around it
 def fused_mix(values: list[Tensor], rstd: list[Tensor] | None, qw: Tensor,
               eps: float = 1e-6) -> tuple[Tensor, Tensor]:
     """Softmax-mix same-shape sources ``values`` (each ``[..., d]``) with the folded query
     ``qw`` (``fold_query``; ``[d]``, ``[B, 1, d]`` or ``[B, T, d]``) and the cached inverse
     RMS ``rstd`` (each ``[...]``, float32) or ``None`` (computed in the kernel with ``eps``):
-    ``(h [..., d] float32, alpha [N, ...] float32)``. The hook of the torch ``History.read``."""
+    ``(h [..., d] float32, alpha [N, ...] float32)``. The hook of the torch ``History.read``;
+    under ``torch.compile`` it runs eagerly between the compiled graphs."""
     if triton is None:
         raise InputError("fused routing needs triton (pip install 'dar[kernels]'), not installed")
     if not values:

@@ -15,6 +15,11 @@ from dar_core.errors import ConfigError
 
 ROUTING_MODES = ("residual", "dar")
 QUERY_VARIANTS = ("static", "static_t", "dynamic")
+# How a backend computes the routing (docs/spec.md §8.2), never what: "history" (per-source
+# framework ops, every backend), "fused" (one-pass kernel: Triton in torch, Pallas in JAX),
+# "auto" (the fused kernel on an accelerator where it passes its self-check, else "history").
+# Backends also take "naive" (the four-pass reference, for tests).
+ROUTING_IMPLS = ("auto", "history", "fused")
 
 # DiT / SiT sizes: name -> (depth, hidden_size, num_heads). Patch sizes 2, 4, 8.
 SIZES: dict[str, tuple[int, int, int]] = {

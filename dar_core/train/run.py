@@ -68,7 +68,7 @@ from dar_core.io.sharded import (
     temp_folder,
 )
 from dar_core.sampling.samplers import SAMPLERS, sample
-from dar_core.spec.config import ModelConfig, RoutingConfig, model_config
+from dar_core.spec.config import ROUTING_IMPLS, ModelConfig, RoutingConfig, model_config
 from dar_core.spec.interpolant import TIME_SAMPLINGS, sample_time
 from dar_core.spec.schema import param_shapes, router_prefixes, trainable_names
 from dar_core.train.schedule import check_schedule, lr_at
@@ -130,6 +130,7 @@ class TrainConfig:
     # torch: rebuild each routed input in the backward instead of keeping it (less memory,
     # ~8-10% CPU step time at SiT-S/2); JAX's and MLX's compilers choose what they keep
     recompute_routing: bool = True
+    routing_impl: str = "auto"  # ROUTING_IMPLS: "auto" takes the fused kernel on CUDA / TPU
     shard: str = "none"  # "params" (FSDP / ZeRO-3) or "opt" (optimizer state, gradients, EMA)
     fsdp_size: int = 0  # devices each shard group spans (0: all; fewer: hybrid sharding)
     async_save: bool = True  # sharded checkpoints written in the background (the engine's)
@@ -174,6 +175,9 @@ class TrainConfig:
             raise ConfigError(f"sample_sampler must be one of {list(SAMPLERS)}, "
                               f"got {self.sample_sampler!r}")
         check_shard(self.shard, self.fsdp_size)
+        if self.routing_impl not in ROUTING_IMPLS:
+            raise ConfigError(f"routing_impl must be one of {list(ROUTING_IMPLS)}, "
+                              f"got {self.routing_impl!r}")
         check_schedule(self.lr, self.lr_schedule, self.warmup_steps, self.min_lr, self.steps)
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size={self.batch_size} is not divisible by "
