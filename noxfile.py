@@ -87,7 +87,8 @@ def minimum(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Speed and memory of DAR vs residual per backend; writes benchmarks/results/."""
+    """Speed and memory of DAR vs residual per backend; writes benchmarks/results/.
+    ``-- --device cuda``: PyTorch on a CUDA GPU instead (``*_cuda.{json,md}``)."""
     install(session, "all")
     session.run("python", "-m", "benchmarks.bench_routing", *session.posargs)
     session.run("python", "-m", "benchmarks.bench_overhead", *session.posargs)

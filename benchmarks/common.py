@@ -100,9 +100,11 @@ def machine() -> dict:
     return info
 
 
-def write(name: str, payload: dict, table: str) -> tuple[Path, Path]:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    j, m = RESULTS / f"{name}.json", RESULTS / f"{name}.md"
+def write(name: str, payload: dict, table: str, out_dir: Path = RESULTS) -> tuple[Path, Path]:
+    """``<out_dir>/<name>.json`` (the payload) and ``<name>.md`` (the table); returns both."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    j, m = out_dir / f"{name}.json", out_dir / f"{name}.md"
     j.write_text(json.dumps(payload, indent=1))
     m.write_text(table)
     return j, m
@@ -112,3 +114,20 @@ def md_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def fmt(value: float | None, spec: str) -> str:
+    """``format(value, spec)``, or "–" for a figure that was not measured (``None``)."""
+    return "–" if value is None else format(value, spec)
+
+
+def error_line(e: BaseException, limit: int = 200) -> str:
+    """One line for a case that failed, to stand in its row: the exception's type and the first
+    line of its message, or for a failed subprocess the last line of its captured stderr."""
+    if isinstance(e, subprocess.CalledProcessError):
+        lines = [ln.strip() for ln in (e.stderr or "").splitlines() if ln.strip()]
+        text = lines[-1] if lines else f"process exited with status {e.returncode}"
+    else:
+        msg = str(e).strip()
+        text = type(e).__name__ + (": " + msg.splitlines()[0] if msg else "")
+    return text if len(text) <= limit else text[:limit - 1] + "…"
