@@ -376,20 +376,28 @@ def main_device(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     print(f"wrote {j} and {m}")
 
 
+def add_device_flags(ap: argparse.ArgumentParser, presets_help: str,
+                     impls_help: str) -> argparse._ArgumentGroup:
+    """``--out`` and the GPU run's ``--device``, ``--presets``, ``--impls`` (this benchmark's
+    and ``bench_routing``'s); returns the group for the script's own flags."""
+    ap.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    gpu = ap.add_argument_group("GPU run (--device cuda)")
+    gpu.add_argument("--device", default="cpu",
+                     help="cpu: every installed backend on the CPU; cuda[:i]: PyTorch on a GPU")
+    gpu.add_argument("--presets", default="SiT-B/2,SiT-XL/2",
+                     help=f"{presets_help} {list(DEVICE_PRESETS)}")
+    gpu.add_argument("--impls", default=",".join(DEVICE_IMPLS),
+                     help=f"routing impls {impls_help}: history, fused")
+    return gpu
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backends", default="torch,jax,mlx")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="fewer variants")
     ap.add_argument("--no-memory", action="store_true")
-    ap.add_argument("--out", type=Path, default=RESULTS, help="results folder")
-    gpu = ap.add_argument_group("GPU run (--device cuda)")
-    gpu.add_argument("--device", default="cpu",
-                     help="cpu: every installed backend on the CPU; cuda[:i]: PyTorch on a GPU")
-    gpu.add_argument("--presets", default="SiT-B/2,SiT-XL/2",
-                     help=f"comma-separated, of {list(DEVICE_PRESETS)}")
-    gpu.add_argument("--impls", default=",".join(DEVICE_IMPLS),
-                     help="routing impls of the DAR variants (DARTransformer's routing_impl)")
+    gpu = add_device_flags(ap, "comma-separated, of", "of the DAR variants (DARTransformer's)")
     gpu.add_argument("--batch", type=int, help="per-GPU batch (default: the preset's, 32)")
     gpu.add_argument("--precision", default="bf16", choices=("bf16", "fp32"),
                      help="autocast precision, as dar train --precision")
@@ -416,7 +424,8 @@ def main() -> None:
         rows += rows_in_fresh_process("benchmarks.bench_overhead", name, flags)
     carried = carried_rows(measured, args.out)
     note = (f"Rows of {sorted({r['backend'] for r in carried})} are carried over from the "
-            f"previous results file (this run measured {measured} only).\n\n"
+            f"previous results file (this run measured {measured} only): they were measured "
+            "on another day, so compare ratios within a backend, not times across them.\n\n"
             if carried else "")
     rows += carried
     md = (f"# DAR overhead over residual (medians of {args.reps} interleaved reps)\n\n"

@@ -27,8 +27,8 @@ import sys
 from pathlib import Path
 
 from benchmarks.bench_overhead import (
-    DEVICE_IMPLS,
     DEVICE_PRESETS,
+    add_device_flags,
     installed,
     require_device,
     skip_backends,
@@ -177,14 +177,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backends", default="torch,jax,mlx")
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--out", type=Path, default=RESULTS, help="results folder")
-    gpu = ap.add_argument_group("GPU run (--device cuda)")
-    gpu.add_argument("--device", default="cpu",
-                     help="cpu: every installed backend on the CPU; cuda[:i]: PyTorch on a GPU")
-    gpu.add_argument("--presets", default="SiT-B/2,SiT-XL/2",
-                     help=f"whose aggregator shapes, of {list(DEVICE_PRESETS)}")
-    gpu.add_argument("--impls", default=",".join(DEVICE_IMPLS),
-                     help="routing impls: history, fused")
+    gpu = add_device_flags(ap, "whose aggregator shapes, of", "compared with naive")
     gpu.add_argument("--batch", type=int, default=32, help="samples per aggregation (default 32)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # measure one backend, print JSON rows
     ap.add_argument("--group-impl", help=argparse.SUPPRESS)  # one device impl, JSON rows
