@@ -18,6 +18,7 @@ import numpy as np
 
 from dar_core.errors import ConfigError
 from dar_core.spec.config import LN_EPS, ModelConfig
+from dar_core.spec.config import ROUTING_IMPLS as CORE_IMPLS
 from dar_core.spec.patches import patchify, unpatchify
 from dar_core.spec.routing import router_query
 from dar_core.spec.schema import check_params, init_params, router_prefixes
@@ -26,8 +27,8 @@ from dar_core.spec.validate import check_shapes, check_values
 
 from .routing import FusedHistory, History, NaiveHistory, ResidualStream, resolve_impl, slices_of
 
-# dar_core.spec.config.ROUTING_IMPLS and "naive"; fused: the Pallas kernel (pallas_route.py)
-ROUTING_IMPLS = ("auto", "history", "fused", "naive")
+# the core's, and "naive" (tests); fused: the Pallas kernel (pallas_route.py)
+ROUTING_IMPLS = (*CORE_IMPLS, "naive")
 
 _FREQS = timestep_frequencies()  # [128] float64, cast to the accumulation dtype when used
 

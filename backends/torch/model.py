@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from dar_core.errors import ConfigError, InputError
 from dar_core.spec.config import LN_EPS, ModelConfig
+from dar_core.spec.config import ROUTING_IMPLS as CORE_IMPLS
 from dar_core.spec.patches import unpatchify
 from dar_core.spec.routing import fold_query, router_query, source_slices
 from dar_core.spec.schema import init_params, pos_embed_2d
@@ -25,8 +26,8 @@ from dar_core.spec.validate import check_shapes, check_values
 
 from .routing import FusedHistory, History, NaiveHistory, ResidualStream, resolve_impl
 
-# dar_core.spec.config.ROUTING_IMPLS and "naive"; fused: the Triton kernel (triton_route.py)
-ROUTING_IMPLS = ("auto", "history", "fused", "naive")
+# the core's, and "naive" (tests); fused: the Triton kernel (triton_route.py)
+ROUTING_IMPLS = (*CORE_IMPLS, "naive")
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
