@@ -1,4 +1,4 @@
-"""Sessions: tests, conformance, lint, demo (the README's main job), bench, minimum.
+"""Sessions: tests, conformance, lint, fidelity, demo (the README's main job), bench, minimum.
 
 Environments are reused between runs (``reuse_venv``); every install goes through
 ``constraints.txt`` so CPU machines never pull CUDA wheels — except ``minimum``, which
@@ -19,7 +19,7 @@ except ModuleNotFoundError:  # Python 3.10: nox itself depends on tomli there
     import tomli as tomllib
 
 nox.options.reuse_venv = "yes"
-nox.options.sessions = ["lint", "tests", "conformance"]
+nox.options.sessions = ["lint", "tests", "conformance", "fidelity"]
 CONSTRAINTS = ("-c", "constraints.txt")
 
 
@@ -41,6 +41,23 @@ def conformance(session: nox.Session) -> None:
     install(session, "all")
     session.run("dar", "conformance", "--profile", session.env.get("HYPOTHESIS_PROFILE", "ci"),
                 *session.posargs)
+
+
+# torch-fidelity needs torchvision, which does not import beside the CPU torch of
+# constraints.txt: this session takes torch and torchvision of one release (a CUDA build on
+# x86_64, run on the CPU) and the torch-fidelity release the test was written against.
+FIDELITY = ("torch==2.14.1", "torchvision==0.29.1", "torch-fidelity==0.4.0")
+
+
+@nox.session
+def fidelity(session: nox.Session) -> None:
+    """The FID pipeline against torch-fidelity (tests/test_fid_torch_fidelity.py)."""
+    session.install(*FIDELITY)
+    session.install("-e", ".[test]", *CONSTRAINTS)  # no torch there: the pins above stay
+    session.run("python", "-c", "import torch, torchvision, torch_fidelity; "
+                "print('torch', torch.__version__, 'torchvision', torchvision.__version__, "
+                "'torch-fidelity', torch_fidelity.__version__)")
+    session.run("pytest", "tests/test_fid_torch_fidelity.py", *session.posargs)
 
 
 @nox.session
