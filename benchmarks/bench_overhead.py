@@ -361,7 +361,10 @@ def skip_backends(names: list[str], device: str) -> None:
             print(f"{name}: skipped (--device {device} measures PyTorch only)", file=sys.stderr)
 
 
-def main_device(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def check_device_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """A GPU run's ``--device`` and ``--presets`` checked (one-line errors), the device
+    required, the other backends reported skipped; returns the presets (this benchmark's
+    and ``bench_routing``'s)."""
     presets = args.presets.split(",")
     if not args.device.startswith("cuda"):
         ap.error(f"--device must be cpu or cuda[:index], got {args.device!r}")
@@ -369,6 +372,11 @@ def main_device(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         ap.error(f"unknown presets {unknown}; choose from {list(DEVICE_PRESETS)}")
     require_device(args.device)
     skip_backends(args.backends.split(","), args.device)
+    return presets
+
+
+def main_device(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    presets = check_device_args(ap, args)
     j, m = run_device(args.device, presets, args.impls.split(","), args.batch, args.reps,
                       args.quick, args.precision, not args.no_compile, not args.no_memory,
                       args.out)

@@ -29,9 +29,8 @@ from pathlib import Path
 from benchmarks.bench_overhead import (
     DEVICE_PRESETS,
     add_device_flags,
+    check_device_args,
     installed,
-    require_device,
-    skip_backends,
 )
 from benchmarks.common import (
     RESULTS,
@@ -191,12 +190,7 @@ def main() -> None:
         print(json.dumps(measure(args.one, args.reps)))
         return
     if args.device != "cpu":
-        if not args.device.startswith("cuda"):
-            ap.error(f"--device must be cpu or cuda[:index], got {args.device!r}")
-        if unknown := [p for p in presets if p not in DEVICE_PRESETS]:
-            ap.error(f"unknown presets {unknown}; choose from {list(DEVICE_PRESETS)}")
-        require_device(args.device)
-        skip_backends(args.backends.split(","), args.device)
+        check_device_args(ap, args)
         j, m = run_device(args.device, presets, args.impls.split(","), args.batch, args.reps,
                           args.out)
         print(m.read_text())
