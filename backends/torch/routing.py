@@ -186,22 +186,28 @@ def resolve_impl(impl: str, v0: Tensor) -> str:
 _CHECKED: dict[str, bool] = {}
 
 
-@torch.compiler.disable
 def fused_checked(device: torch.device) -> bool:
     """Whether the fused kernel agrees with the per-source path on ``device``
     (``dar_core.conformance.kernel_check``), checked once per device and process; a failure
-    is reported once as a warning naming it, and ``"auto"`` keeps the per-source path."""
+    is reported once as a warning naming it, and ``"auto"`` keeps the per-source path. The
+    trainer asks before it compiles, so a compiled forward only reads the cached answer."""
     key = str(device)
     if key not in _CHECKED:
-        from dar_core.conformance.kernel_check import disagreement
-
-        why = disagreement(functools.partial(_check_read, device), device.type)
-        if why:
-            warnings.warn(f"routing_impl='auto': the fused routing kernel failed its check on "
-                          f"{key} ({why}); routing with the per-source ops ('history')",
-                          RuntimeWarning, stacklevel=2)
-        _CHECKED[key] = why is None
+        # disabled for torch.compile at call time: importing dynamo with this module would
+        # import triton before a test process can ask for its interpreter
+        _CHECKED[key] = torch.compiler.disable(_run_check)(device)
     return _CHECKED[key]
+
+
+def _run_check(device: torch.device) -> bool:
+    from dar_core.conformance.kernel_check import disagreement
+
+    why = disagreement(functools.partial(_check_read, device), device.type)
+    if why:
+        warnings.warn(f"routing_impl='auto': the fused routing kernel failed its check on "
+                      f"{device} ({why}); routing with the per-source ops ('history')",
+                      RuntimeWarning, stacklevel=3)
+    return why is None
 
 
 def _check_read(device: torch.device, impl: str, v, q, w, g, dtype: str) -> list:

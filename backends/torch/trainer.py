@@ -164,9 +164,10 @@ def _train(tc: TrainConfig, rank: int, world: int, device: torch.device) -> Path
     if whole is not None or init is not None:
         model.load_weights(whole.params if whole is not None else init["params"])
     model.to(device)
-    if run.is_main and run.cfg.routing.is_dar:
+    if run.cfg.routing.is_dar:  # every rank: a kernel self-check runs here, before compiling
         impl = resolve_impl(tc.routing_impl, torch.empty(0, device=device))
-        print(f"routing: {impl} (routing_impl={tc.routing_impl!r}, {device})")
+        if run.is_main:
+            print(f"routing: {impl} (routing_impl={tc.routing_impl!r}, {device})")
     # the EMA's start: a checkpoint's or a graft's; a fresh run's is its weights
     ema_src = whole.weights("ema") if whole is not None else init["ema"] if init else None
     for name in frozen_names(run.cfg, tc):
