@@ -145,6 +145,13 @@ def test_sigkill_and_resume_of_a_sharded_run_is_bit_identical(tmp_path):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-run
     proc.wait()
+    deadline = time.monotonic() + 30  # the ranks die (and are reaped) after their launcher
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
     kept = sorted(p.name for p in (killed / "checkpoints").glob("ckpt-*.sharded"))
     assert kept and "ckpt-0000008.sharded" not in kept, kept
     (killed / "checkpoints" / ".ckpt-0000099.sharded.tmp" / "state").mkdir(parents=True)

@@ -780,12 +780,24 @@ class RunLock:
             return False
         except PermissionError:
             return True
+        if _zombie(int(pid)):  # killed, not yet reaped by its parent: it holds nothing
+            return False
         return int(pid) != os.getpid()  # our own: an earlier run of this process, done
 
     def release(self) -> None:
         if self.held:
             self.held = False
             self.path.unlink(missing_ok=True)
+
+
+def _zombie(pid: int) -> bool:
+    """Whether process ``pid`` has exited and waits to be reaped (Linux ``/proc``; False
+    where it cannot be told)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2:].startswith("Z")  # the state follows "(comm) "
 
 
 def env_rank_world() -> tuple[int, int]:

@@ -9,6 +9,7 @@ its last checkpoint: the curves show one run, as ``metrics.jsonl`` does.
 
 from __future__ import annotations
 
+import os
 import secrets
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,11 @@ class TensorBoardWriter:
                               "), or pass --no-tensorboard") from None
         self.logdir = Path(run_dir) / FOLDER
         # steps are 1-based counts of optimizer steps done: the resumed run logs from start+1
+        # event files are named by the second they open in: a segment's own suffix keeps a
+        # resumed segment that opens within the same second from overwriting the previous one
         self._w = SummaryWriter(logdir=str(self.logdir),
-                                purge_step=start_step + 1 if start_step else None)
+                                purge_step=start_step + 1 if start_step else None,
+                                filename_suffix=f".{os.getpid()}.step{start_step}")
 
     def scalars(self, step: int, values: dict[str, Any]) -> None:
         for name, v in values.items():
