@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -121,16 +120,11 @@ def fused_checked(platform: str) -> bool:
     is reported once as a warning naming it, and ``"auto"`` keeps ``History``. It runs in a
     thread of its own: ``resolve_impl`` is called while a forward pass is being traced, and
     JAX's tracing state is per thread, so the check computes concrete numbers."""
-    from dar_core.conformance.kernel_check import disagreement
+    from dar_core.conformance.kernel_check import passes
 
     kind = {"gpu": "cuda", "cuda": "cuda", "rocm": "cuda", "tpu": "tpu"}.get(platform, "cpu")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        why = pool.submit(disagreement, _check_read, kind).result()
-    if why:
-        warnings.warn(f"routing_impl='auto': the fused routing kernel failed its check on "
-                      f"{platform} ({why}); routing with History ('history')", RuntimeWarning,
-                      stacklevel=2)
-    return why is None
+        return pool.submit(passes, _check_read, kind, platform).result()
 
 
 def _check_read(impl: str, v, q, w, g, dtype: str) -> list:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -200,14 +199,9 @@ def fused_checked(device: torch.device) -> bool:
 
 
 def _run_check(device: torch.device) -> bool:
-    from dar_core.conformance.kernel_check import disagreement
+    from dar_core.conformance.kernel_check import passes
 
-    why = disagreement(functools.partial(_check_read, device), device.type)
-    if why:
-        warnings.warn(f"routing_impl='auto': the fused routing kernel failed its check on "
-                      f"{device} ({why}); routing with the per-source ops ('history')",
-                      RuntimeWarning, stacklevel=3)
-    return why is None
+    return passes(functools.partial(_check_read, device), device.type, str(device))
 
 
 def _check_read(device: torch.device, impl: str, v, q, w, g, dtype: str) -> list:

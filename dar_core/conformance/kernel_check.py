@@ -17,6 +17,7 @@ compare as the kernel tests do (outputs within 5e-2, gradients by cosine).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -25,7 +26,7 @@ from dar_core.testing import rel_err
 
 from .tolerances import route_grad_scales, tol
 
-__all__ = ["check_cases", "disagreement", "grad_err"]
+__all__ = ["check_cases", "disagreement", "grad_err", "passes"]
 
 N, B, T, D = 7, 2, 16, 96  # d not a power of two: the kernels' masked columns are exercised
 
@@ -103,3 +104,15 @@ def disagreement(run: Run, device: str = "cpu") -> str | None:
         if why:
             return why
     return None
+
+
+def passes(run: Run, device: str, where: str) -> bool:
+    """``disagreement`` as the backends' ``routing_impl="auto"`` uses it: True when the kernel
+    agrees; otherwise one ``RuntimeWarning`` naming the failure on ``where`` (the device or
+    platform) and False, so the caller routes with ``"history"``."""
+    why = disagreement(run, device)
+    if why:
+        warnings.warn(f"routing_impl='auto': the fused routing kernel failed its check on "
+                      f"{where} ({why}); routing with the per-source path ('history')",
+                      RuntimeWarning, stacklevel=3)
+    return why is None
