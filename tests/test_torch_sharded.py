@@ -20,6 +20,7 @@ from dar_core.backend import installed_backends, load_backend  # noqa: E402
 from dar_core.errors import CheckpointError  # noqa: E402
 from dar_core.io.checkpoint import load_checkpoint  # noqa: E402
 from dar_core.io.sharded import consolidate  # noqa: E402
+from dar_core.train.run import _zombie  # noqa: E402
 
 SMALL = ["--model", "micro", "--image-size", "16", "--batch-size", "8", "--lr", "1e-3",
          "--adam-eps", "1e-4", "--no-progress", "--sample-every", "100000", "--chunk-size", "2",
@@ -41,6 +42,29 @@ def _torchrun(n, *args):
 
 def _losses(run: Path) -> list[float]:
     return [json.loads(ln)["loss"] for ln in (run / "metrics.jsonl").open()]
+
+
+def _process_tree(root: int) -> list[int]:
+    """``root`` and every process descended from it (Linux ``/proc``)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # ended while being listed
+            continue
+        ppid = int(text[text.rfind(")") + 2:].split()[1])  # after "(comm) state"
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    return tree
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie, killed and waiting to be reaped, does not)."""
+    return Path(f"/proc/{pid}").exists() and not _zombie(pid)
 
 
 @pytest.fixture(scope="module")
@@ -143,14 +167,19 @@ def test_sigkill_and_resume_of_a_sharded_run_is_bit_identical(tmp_path):
         assert proc.poll() is None, "the run ended before its first checkpoint"
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-run
-    proc.wait()
-    deadline = time.monotonic() + 30  # the ranks die (and are reaped) after their launcher
-    while time.monotonic() < deadline:
+    # torch's elastic agent starts each rank in a session of its own, so a signal to the
+    # launcher's group misses them: kill the whole process tree at once, as a crashed node
+    tree = _process_tree(proc.pid)
+    assert len(tree) >= 3, tree  # the launcher and two ranks
+    for pid in tree:
         try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            break
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:  # ended on its own before the kill
+            pass
+    proc.wait()
+    deadline = time.monotonic() + 30  # a live rank would still hold the run folder's lock
+    while any(_running(pid) for pid in tree):
+        assert time.monotonic() < deadline, [pid for pid in tree if _running(pid)]
         time.sleep(0.1)
     kept = sorted(p.name for p in (killed / "checkpoints").glob("ckpt-*.sharded"))
     assert kept and "ckpt-0000008.sharded" not in kept, kept
