@@ -162,8 +162,9 @@ def arms(args: argparse.Namespace) -> None:
 
 
 # State ----------------------------------------------------------------------------------------
-def save_state(args: argparse.Namespace, out: Path = OUT) -> None:
-    """Each run's logs and newest checkpoint -> ``out/state`` (what continuing needs)."""
+def save_state(args: argparse.Namespace, out: Path = OUT, finished=lambda run: False) -> None:
+    """Each run's logs and newest checkpoint -> ``out/state`` (what continuing needs); a run
+    that ``finished(run_dir)`` says is done keeps its logs only (nothing continues from it)."""
     for run in sorted(Path(args.runs).glob("*-seed*")):
         dst = out / "state" / run.name
         (dst / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -173,9 +174,12 @@ def save_state(args: argparse.Namespace, out: Path = OUT) -> None:
         ckpts = sorted((run / "checkpoints").glob("ckpt-*.safetensors"))
         for old in (dst / "checkpoints").glob("ckpt-*.safetensors"):
             old.unlink()
-        if ckpts:
+        if finished(run):
+            (dst / "checkpoints").rmdir()
+            print(f"saved {run.name}: finished, logs only")
+        elif ckpts:
             shutil.copy2(ckpts[-1], dst / "checkpoints" / ckpts[-1].name)
-        print(f"saved {run.name}: {len(ckpts)} checkpoint(s) there, newest kept")
+            print(f"saved {run.name}: {len(ckpts)} checkpoint(s) there, newest kept")
 
 
 def restore_state(args: argparse.Namespace, out: Path = OUT) -> None:

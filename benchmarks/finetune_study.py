@@ -44,6 +44,8 @@ ARMS = {
 }
 SEEDS = (0, 1, 2)
 OUT = RESULTS / "finetune"
+REGENERATE = ("Regenerate (each phase resumes): `python -m benchmarks.finetune_study "
+              "restore-state` on a fresh clone, then `pretrain`, `continue --jobs 2`, `analyze`.")
 
 
 def _pretrain_dir(runs: Path) -> Path:
@@ -91,10 +93,18 @@ def _continue_job(arm: str, seed: int, runs: str) -> list[dict]:
 
 def continue_(args: argparse.Namespace) -> None:
     pre = json.loads((OUT / "pretrain.json").read_text())
-    if not pre["plateau"]:
+    if not pre["plateau"] and pre["steps"] < MAX_PRETRAIN:  # the protocol's cap ends it too
         raise SystemExit(f"the pretrained model is not at a plateau (last-octave slope "
-                         f"{pre['last_octave_slope']:.3f}): pretrain longer first")
+                         f"{pre['last_octave_slope']:.3f}) at {pre['steps']} of at most "
+                         f"{MAX_PRETRAIN} steps: run the pretrain phase first")
     _parallel([(a, s, args.runs) for s in SEEDS for a in ARMS], _continue_job, args.jobs)
+
+
+def _finished(run: Path) -> bool:
+    """A continuation evaluated at its last step (its checkpoint is no longer needed)."""
+    log = run / "evals.jsonl"
+    return run.name.startswith("continue-") and log.exists() and any(
+        json.loads(x)["step"] == CONTINUE_STEPS for x in log.read_text().splitlines() if x)
 
 
 def analyze(args: argparse.Namespace) -> None:
@@ -107,7 +117,18 @@ def analyze(args: argparse.Namespace) -> None:
         fd = {(r["arm"], int(r["seed"])): float(r["fd"]) for r in recs if r["step"] == n}
         table[n] = {arm: paired(fd, arm, "residual") for arm in ARMS if arm != "residual"}
     lines = ["# Fine-tuning study (pre-registered: benchmarks/README.md, \"Fine-tuning study\")",
-             "", "| step | arm | seeds | FD ratio vs residual | 95% CI | sign-flip p |",
+             "", REGENERATE, ""]
+    pre_json = OUT / "pretrain.json"
+    pre = json.loads(pre_json.read_text()) if pre_json.exists() else {}
+    if "steps" in pre:  # written by the pretrain phase once it has ended
+        end = pre["records"][-1]
+        lines += [f"Pretrained residual `tiny`: {pre['steps']} steps, FD {end['fd']:.3f}, class "
+                  f"accuracy {end['class_accuracy']:.3f}, last-octave FD slope "
+                  f"{pre['last_octave_slope']:.3f}: "
+                  + ("a plateau." if pre["plateau"] else
+                     f"not a plateau; {MAX_PRETRAIN} is the protocol's cap, so the "
+                     "continuations start there."), ""]
+    lines += ["| step | arm | seeds | FD ratio vs residual | 95% CI | sign-flip p |",
              "|---|---|---|---|---|---|"]
     for n, arms in table.items():
         for arm, v in arms.items():
@@ -175,9 +196,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--runs", default="runs/finetune")
     ap.add_argument("--jobs", type=int, default=2)
     args = ap.parse_args(argv)
-    if args.phase in ("save-state", "restore-state"):
-        fn = save_state if args.phase == "save-state" else restore_state
-        fn(args, OUT)
+    if args.phase == "save-state":
+        save_state(args, OUT, finished=_finished)
+        return
+    if args.phase == "restore-state":
+        restore_state(args, OUT)
         return
     {"pretrain": pretrain, "continue": continue_, "analyze": analyze}[args.phase](args)
 
