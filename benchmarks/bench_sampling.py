@@ -148,10 +148,11 @@ def main() -> None:
     text = "\n".join([
         "# Sampling throughput (bulk FID path) and the FID-50K projection",
         "",
-        "Regenerate: `OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.bench_sampling`",
+        "Regenerate: `OMP_NUM_THREADS=1 python -m benchmarks.bench_sampling`",
         "",
         f"Machine: {m.get('cpu_model', m['processor'])}, {m['cpus']} cores, load average "
-        f"{m.get('load_average_1m', '?')} at the start (shared machine: other jobs ran too).",
+        f"{m.get('load_average_1m', '?')} at the start (a 1-minute average: it counts jobs "
+        "that ran just before).",
         "",
         f"SiT-S/2 (latents 4x32x32, DAR static_t c4), PyTorch CPU fp32, batch {BATCH}, "
         f"{STEPS} steps, one thread per process, VAE decode excluded. `forwards` = network "
