@@ -10,6 +10,7 @@ from benchmarks.convergence_analysis import (
     analyze,
     isotonic_nonincreasing,
     iters_to_reach,
+    paired_speedup,
     report,
 )
 from dar_core.testing import ulp_tol
@@ -104,3 +105,28 @@ def test_eval_steps_are_log_spaced_and_end_at_the_budget():
     assert steps[-1] == 3000 and steps[0] == 188 and len(steps) == 9
     ratios = np.diff(np.log(steps))
     np.testing.assert_allclose(ratios, np.log(2) / 2, atol=0.01)
+
+
+def test_paired_speedup_reads_each_seed_against_its_own_residual():
+    steps = [100, 200, 400, 800]
+    ls = np.log(np.asarray(steps, float))
+    # seed s: the residual is the power law 50 (1 + s) n^-0.5; the arm reaches the same seed's
+    # final residual FD at 800 / k_s steps exactly (the same curve, k_s times faster)
+    k = {0: 2.0, 1: 4.0, 2: 2.0 * np.sqrt(2.0)}
+    res = {s: np.log(50.0 * (1 + s)) - 0.5 * ls for s in k}
+    arm = {s: np.log(50.0 * (1 + s)) - 0.5 * (ls + np.log(k[s])) for s in k}
+    out = paired_speedup(res, arm, steps)
+    got = [out["per_seed"][str(s)]["speedup"] for s in k]
+    np.testing.assert_allclose(got, list(k.values()), rtol=1e-12)
+    logs = np.log(list(k.values()))
+    from scipy import stats
+
+    half = stats.t.ppf(0.975, 2) * logs.std(ddof=1) / np.sqrt(3)
+    assert out["speedup"] == pytest.approx(np.exp(logs.mean()), rel=1e-12)
+    np.testing.assert_allclose(out["ci95"], np.exp([logs.mean() - half, logs.mean() + half]),
+                               rtol=1e-12)
+    arm[1] = res[1] + 0.0  # never better than its residual: no faster crossing than the budget
+    arm[2] = np.full(4, np.log(1e3))  # flat far above: never reaches it, no interval
+    out = paired_speedup(res, arm, steps)
+    assert out["per_seed"]["1"]["speedup"] == pytest.approx(1.0)
+    assert out["per_seed"]["2"]["how"] == "never" and "ci95" not in out
