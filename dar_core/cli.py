@@ -1,5 +1,6 @@
-"""The ``dar`` command: ``dar train``, ``dar sample``, ``dar diagnose``, ``dar eval``,
-``dar conformance``.
+"""The ``dar`` command: ``train``, ``sample`` (PNG grids, or ADM npz files for FID),
+``diagnose``, ``eval``, ``consolidate``, ``fid``, ``conformance``, ``import``, ``graft``,
+``export``, ``prepare``.
 
 ``dar train`` takes every TrainConfig field as a flag (``--lr 3e-4 --query dynamic``), so the
 command line and the Python API cannot drift apart.
@@ -62,7 +63,8 @@ def build_parser(train_defaults: dict | None = None) -> argparse.ArgumentParser:
     if train_defaults:
         tr.set_defaults(**train_defaults)
 
-    sp = sub.add_parser("sample", help="sample a PNG grid from a checkpoint")
+    sp = sub.add_parser("sample", help="sample a PNG grid from a checkpoint, or N images into "
+                        "an ADM-format npz for FID (--num-samples N --npz OUT.npz)")
     sp.add_argument("--checkpoint", required=True)
     sp.add_argument("--backend", choices=("auto",) + BACKENDS, default="auto")
     sp.add_argument("--sampler", choices=SAMPLERS, default="heun")

@@ -1,5 +1,5 @@
-"""``dar sample --num-samples N --npz OUT``: the same ``arr_0`` from 1 and 2 processes (torch
-ranks, JAX multi-process, MLX ring), a killed run resumed to the same file, refusals."""
+"""``dar sample --num-samples N --npz OUT``: the same ``arr_0`` from 1 and 2 processes (torchrun,
+JAX multi-process, mlx.launch ring), a killed run resumed to the same file, refusals."""
 
 from __future__ import annotations
 
@@ -93,11 +93,16 @@ def test_torch_two_ranks_match_one_process_and_batching(ckpt, tmp_path):
             st["weights"], st["precision"], st["step"]) == ("sde", 3, 1.5, 3, 10, "params",
                                                            "fp32", 5)
 
-    two = tmp_path / "two.npz"  # ranks as torchrun sets them (no process group is needed)
-    out = _ranks(_cli("--checkpoint", str(ckpt), "--backend", "torch", "--num-samples", "10",
-                      "--batch-size", "4", "--npz", str(two), *ARGS),
-                 [_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r)) for r in range(2)])
-    assert sum("wrote" in o for o in out) >= 1 and "settings " + st["hash"] in out[0]
+    two = tmp_path / "two.npz"  # README's command: torchrun -m dar_core.cli sample ...
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node", "2", "-m", "dar_core.cli", "sample",
+                          "--checkpoint", str(ckpt), "--backend", "torch", "--num-samples",
+                          "10", "--batch-size", "4", "--npz", str(two), *ARGS],
+                         env=_env(), capture_output=True, text=True, timeout=240)
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-3000:]
+    assert "rank 1/2 sampled" in log and "wrote" in log and "settings " + st["hash"] in log
+    assert "holds no EMA weights; sampling its raw weights" in log  # --weights ema, the default
     b = _arrays(two)
     assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
     assert read_settings(two)["hash"] == st["hash"]
@@ -193,13 +198,6 @@ def test_jax_two_processes_match_one_process(ckpt, tmp_path):
     assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
 
 
-MLX_CHILD = """
-import json, sys
-from dar_core.cli import main
-sys.exit(main(json.loads(sys.argv[1])))
-"""
-
-
 def _mlx_launcher() -> str | None:
     import shutil
 
@@ -216,10 +214,9 @@ def test_mlx_ring_two_processes_match_one_process(ckpt, tmp_path):
               "--batch-size", "4", *ARGS]
     one, two = tmp_path / "one.npz", tmp_path / "two.npz"
     _ranks(_cli(*common, "--npz", str(one)), [_env()])
-    script = tmp_path / "child.py"  # the CLI's flags travel as one JSON argument, so that
-    script.write_text(MLX_CHILD)     # mlx.launch does not take --backend for its own
-    res = subprocess.run([launch, "-n", "2", "--backend", "ring", "--python", sys.executable,
-                          str(script), json.dumps(["sample", *common, "--npz", str(two)])],
+    dar = Path(sys.executable).parent / "dar"  # README's command: after "--", mlx.launch
+    res = subprocess.run([launch, "-n", "2", "--backend", "ring", "--",  # leaves --backend
+                          str(dar), "sample", *common, "--npz", str(two)],
                          env=_env(), capture_output=True, text=True, timeout=240)
     log = res.stdout + res.stderr
     assert res.returncode == 0 and "rank 1/2" in log, log[-3000:]

@@ -264,6 +264,43 @@ def test_fid_against_images_adm_batch_and_cache(weights, tmp_path):
         reference_stats(tmp_path / "empty.npz", net)
 
 
+
+def test_reference_in_a_read_only_folder_is_cached_in_the_user_cache(weights, tmp_path,
+                                                                      monkeypatch, capsys):
+    pytest.importorskip("torch")
+    import errno
+
+    from dar_core.evaluation import fid
+    from dar_core.evaluation.inception import InceptionFeatures
+
+    ref_dir = tmp_path / "readonly"
+    ref_dir.mkdir()
+    ref = ref_dir / "ref.npz"
+    np.savez(ref, arr_0=_images(5, 2))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    write = fid.atomic_write_bytes
+
+    def refuse_beside_ref(path, data):  # root ignores file modes: refuse the folder here
+        if Path(path).parent == ref_dir:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return write(path, data)
+
+    monkeypatch.setattr(fid, "atomic_write_bytes", refuse_beside_ref)
+    net = InceptionFeatures(weights)
+    first = fid.reference_stats(ref, net)
+    cached = list((tmp_path / "home" / ".cache" / "dar" / "refstats").glob("*.npz"))
+    assert len(cached) == 1 and first["cache"] == str(cached[0])
+    assert not list(ref_dir.glob("*.dar-inception-*"))
+    stamp = cached[0].stat().st_mtime_ns
+    again = fid.reference_stats(ref, net)  # read back from the user cache
+    assert again["cache"] == str(cached[0]) and cached[0].stat().st_mtime_ns == stamp
+    assert np.array_equal(again["mu"], first["mu"])
+    monkeypatch.setattr(fid, "atomic_write_bytes", lambda path, data: (_ for _ in ()).throw(
+        OSError(errno.EROFS, "Read-only file system")))
+    cached[0].unlink()
+    fid.reference_stats(ref, net)  # nowhere to cache: said, and the numbers still come
+    assert "could not cache the reference statistics" in capsys.readouterr().err
+
 def test_dar_fid_cli_prints_protocol_notes_and_errors(weights, tmp_path):
     pytest.importorskip("torch")
     samples, ref = tmp_path / "samples.npz", tmp_path / "ref.npz"

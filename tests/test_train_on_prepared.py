@@ -105,3 +105,37 @@ def test_torchrun_on_shards_with_accumulation_matches_one_process(shards, tmp_pa
         # change since init (tests/test_mlx_distributed.py's bound): the all-reduce and the
         # micro-batches sum the gradient in another order than one process
         assert_close(two.params[k] - init[k], one.params[k] - init[k], 2e-3, k)
+
+
+def test_bulk_npz_of_a_latent_model_is_decoded_with_or_without_its_data(shards, tmp_path,
+                                                                         capsys):
+    """``dar sample --num-samples --npz`` decodes a latent model's samples with the data's VAE;
+    on a machine without the data folder, ``--vae`` decodes them the same way (the scale from
+    the VAE's own config, as ``dar prepare`` stored it), and leaving it out is named."""
+    import shutil
+
+    data = tmp_path / "shards"
+    shutil.copytree(shards, data)
+    vae = json.loads((shards / "manifest.json").read_text())["vae"]["path"]
+    run = tmp_path / "run"
+    assert main(["train", "--backend", "torch", "--model", "micro", "--data", str(data),
+                 "--image-size", str(LATENT), "--num-classes", "3", "--batch-size", "4",
+                 "--steps", "2", "--ckpt-every", "2", "--sample-every", "100",
+                 "--no-progress", "--no-tensorboard", "--out", str(run)]) == 0
+    ck = str(run / "checkpoints" / "ckpt-0000002.safetensors")
+    bulk = ["sample", "--backend", "torch", "--checkpoint", ck, "--num-samples", "5",
+            "--batch-size", "2", "--steps", "2", "--sampler", "euler"]
+    assert main([*bulk, "--npz", str(tmp_path / "here.npz")]) == 0
+    with np.load(tmp_path / "here.npz") as z:
+        here = z["arr_0"]
+        settings = json.loads(str(z["settings"][0]))
+    assert here.dtype == np.uint8 and here.shape == (5, SIZE, SIZE, 3) and here.std() > 0
+    assert settings["vae"]["path"] == vae
+    shutil.rmtree(data)  # the sampling machine has the checkpoint and the VAE, not the data
+    capsys.readouterr()
+    assert main([*bulk, "--npz", str(tmp_path / "x.npz")]) == 2
+    assert "--vae" in capsys.readouterr().err
+    assert main([*bulk, "--vae", vae, "--npz", str(tmp_path / "away.npz")]) == 0
+    assert "is not on this machine" in capsys.readouterr().err
+    with np.load(tmp_path / "away.npz") as z:
+        assert np.array_equal(z["arr_0"], here)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from dar_core.errors import ConfigError, InputError
-from dar_core.evaluation.inception import InceptionFeatures, file_sha256
+from dar_core.evaluation.inception import InceptionFeatures, file_sha256, user_cache
 from dar_core.evaluation.metrics import frechet_distance_from_stats, gaussian_stats
 from dar_core.io.checkpoint import atomic_write_bytes, writable_parent
 
@@ -162,14 +163,21 @@ def reference_stats(ref: Path, inception: InceptionFeatures) -> dict[str, Any]:
                            "source": {}}
     if "arr_0" in keys:
         ref_sha = file_sha256(ref)
-        cache = ref.with_name(f"{ref.name}.dar-inception-{inception.sha256[:12]}.npz")
-        cached = _read_cache(cache, ref_sha, inception.sha256)
+        name = f"{ref.name}.dar-inception-{inception.sha256[:12]}.npz"
+        # beside the reference, or in the user's cache where that folder is read-only
+        places = (ref.with_name(name), user_cache() / "refstats" / f"{ref_sha[:16]}-{name}")
+        cache, cached = places[0], None
+        for place in places:
+            cached = _read_cache(place, ref_sha, inception.sha256)
+            if cached is not None:
+                cache = place
+                break
         if cached is None:
             f = image_features(ref, inception)
             cached = {"pool": f["pool"]}
             (cached["mu"], cached["sigma"]), (cached["mu_s"], cached["sigma_s"]) = (
                 gaussian_stats(f["pool"]), gaussian_stats(f["spatial"]))
-            _write_cache(cache, cached, ref_sha, inception.sha256)
+            cache = _write_cache(places, cached, ref_sha, inception.sha256)
         out.update({k: cached[k] for k in ("pool", "mu", "sigma", "mu_s", "sigma_s")})
         out["source"] = {k: "computed here" for k in ("fid", "sfid")}
         out["cache"] = str(cache)
@@ -193,14 +201,22 @@ def _read_cache(path: Path, ref_sha: str, weights_sha: str) -> dict[str, np.ndar
         return None  # recomputed and rewritten
 
 
-def _write_cache(path: Path, stats: dict[str, np.ndarray], ref_sha: str,
-                 weights_sha: str) -> None:
+def _write_cache(places: tuple[Path, ...], stats: dict[str, np.ndarray], ref_sha: str,
+                 weights_sha: str) -> str | None:
+    """Write the statistics to the first of ``places`` that takes them; where it went (None,
+    with a warning, if none did: the numbers are right, only recomputed next time)."""
     buf = io.BytesIO()
     np.savez(buf, ref_sha256=np.str_(ref_sha), weights_sha256=np.str_(weights_sha), **stats)
-    try:
-        atomic_write_bytes(path, buf.getvalue())
-    except OSError:  # a read-only reference folder: the numbers are right, just not cached
-        pass
+    for path in places:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, buf.getvalue())
+            return str(path)
+        except OSError:
+            continue
+    print(f"dar fid: could not cache the reference statistics in {[str(p) for p in places]}; "
+          "they are recomputed on every run", file=sys.stderr)
+    return None
 
 
 # ---------------------------------------------------------------------------- the command
@@ -261,9 +277,10 @@ def protocol_notes(res: dict[str, Any]) -> list[str]:
     if s is None:
         notes.append("the samples carry no settings (not written by dar sample)")
     else:
-        notes.append(f"samples: {s['sampler']} {s['steps']} steps, cfg {s['cfg_scale']:g}, "
-                     f"{s['weights']} weights, {s['precision']}, seed {s['seed']}, "
-                     f"step {s['step']}")
+        gi = s.get("guidance_interval", [0.0, 1.0])
+        notes.append(f"samples: {s['sampler']} {s['steps']} steps, cfg {s['cfg_scale']:g} on t "
+                     f"in [{gi[0]:g}, {gi[1]:g}], {s['weights']} weights, {s['precision']}, "
+                     f"seed {s['seed']}, {s.get('labels', '?')} labels, step {s['step']}")
     return notes
 
 

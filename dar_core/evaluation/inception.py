@@ -36,10 +36,15 @@ WEIGHTS_ENV = "DAR_INCEPTION_WEIGHTS"
 SPATIAL_CHANNELS = 7
 
 
+def user_cache() -> Path:
+    """``~/.cache/dar``: the Inception weights and the cached reference statistics."""
+    return Path.home() / ".cache" / "dar"
+
+
 def default_weights_path() -> Path:
     """``$DAR_INCEPTION_WEIGHTS``, else ``~/.cache/dar/pt_inception-2015-12-05-6726825d.pth``."""
     env = os.environ.get(WEIGHTS_ENV)
-    return Path(env) if env else Path.home() / ".cache" / "dar" / WEIGHTS_FILE
+    return Path(env) if env else user_cache() / WEIGHTS_FILE
 
 
 def _torch() -> Any:

@@ -76,6 +76,9 @@ def load_for_sampling(checkpoint: str, *, backend: str = "auto", weights: str = 
     """Read ``checkpoint`` and, with ``decode``, find its data's VAE decoder (None for pixel
     models); the backend's velocity model is built when first needed."""
     ckpt = load_checkpoint(checkpoint)
+    if weights == "ema" and ckpt.ema is None:
+        print(f"dar: {checkpoint} holds no EMA weights; sampling its raw weights ('params')",
+              file=sys.stderr)
     decoder = None
     if decode:
         from dar_core.io.data.vae import decoder_for_data

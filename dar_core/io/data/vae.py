@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -123,15 +124,18 @@ class VAEEncoder:
 
 class VAEDecoder:
     """Latents a model sampled -> images: ``decode(x / scale + shift)`` with the VAE the data
-    was encoded with (``__call__(float [B, C, h, w]) -> float32 [B, 3, H, W]`` in [-1, 1]).
+    was encoded with (``__call__(float [B, C, h, w]) -> float32 [B, 3, H, W]`` in [-1, 1]);
+    ``scale=None`` takes the scale and shift from the VAE's config.
 
     ``expect`` is the manifest's VAE identity: a VAE whose config differs from it is refused
     (it would decode other latents than the model learned)."""
 
-    def __init__(self, path: str, scale: float, shift: float | None = None,
+    def __init__(self, path: str, scale: float | None, shift: float | None = None,
                  device: str = "auto", expect: dict[str, Any] | None = None,
                  batch_size: int = 32) -> None:
         self._enc = VAEEncoder(path, device=device)
+        if scale is None:  # the VAE's own config (what dar prepare stores)
+            scale, shift = self._enc.scale, self._enc.shift
         want = (expect or {}).get("config_sha256")
         got = self._enc.identity["config_sha256"]
         if want and want != got:
@@ -160,6 +164,14 @@ def decoder_for_data(data: str, vae: str | None = None,
     from dar_core.io.data.shards import MANIFEST, read_manifest
 
     path = Path(data)
+    if data != "procedural" and not path.exists() and vae:
+        # trained on a folder this machine does not have: the VAE's own config gives the
+        # scale ``dar prepare`` stored the latents with
+        dec = VAEDecoder(vae, scale=None, device=device)
+        print(f"dar: data {data!r} is not on this machine; decoding with --vae {vae!r} and "
+              f"its scaling_factor {dec.scale:g} (its identity is not checked against the "
+              "data's manifest)", file=sys.stderr)
+        return dec
     if data == "procedural" or not (path.name == MANIFEST or (path / MANIFEST).is_file()):
         if vae:
             raise ConfigError(f"--vae {vae!r} was given but data {data!r} holds no VAE latents")
