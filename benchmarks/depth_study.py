@@ -19,6 +19,7 @@ import concurrent.futures as cf
 import json
 import multiprocessing
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -193,14 +194,48 @@ def restore_state(args: argparse.Namespace, out: Path = OUT) -> None:
 
 
 # Helpers --------------------------------------------------------------------------------------
+_STOP = None  # in a worker: the study's stop event
+
+
+def _init_worker(stop) -> None:
+    global _STOP
+    _STOP = stop
+
+
+def _guarded(fn, *job):
+    """``fn(*job)``, unless the study was stopped before this queued job could start."""
+    if _STOP is not None and _STOP.is_set():
+        raise RuntimeError(f"not started: the study was stopped before job {job[:2]}")
+    return fn(*job)
+
+
 def _parallel(jobs: list[tuple], fn, workers: int, keys: tuple | None = None):
+    """``fn(*job)`` for every job in ``workers`` spawned processes. A SIGTERM to this process
+    is passed on to the running jobs (a trainer then writes a checkpoint of its step and
+    stops) and no further job starts, so a stopped study leaves no process behind."""
     ctx = multiprocessing.get_context("spawn")
+    stop_event = ctx.Event()
     out = {}
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        futures = {pool.submit(fn, *job): (keys[i] if keys else job[:2])
+    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
+                                  initializer=_init_worker, initargs=(stop_event,))
+
+    def stop(signum, frame):
+        stop_event.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        for child in multiprocessing.active_children():
+            child.terminate()
+        raise SystemExit(f"stopped by signal {signum}: the running jobs saved their step; "
+                         "the same command continues")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        futures = {pool.submit(_guarded, fn, *job): (keys[i] if keys else job[:2])
                    for i, job in enumerate(jobs)}
         for fut in cf.as_completed(futures):
             out[futures[fut]] = fut.result()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        pool.shutdown(wait=True, cancel_futures=True)
     return out
 
 

@@ -78,3 +78,57 @@ def test_paired_ratios_and_the_decision_rules():
     worse = {**final, ("static_t c4", 0): 12.0}
     d2 = decisions({"static_t c4": paired(worse, "static_t c4", "residual")}, svu)
     assert d2["DAR is better at depth"].startswith("not shown")
+
+
+JOB = '''
+import os, signal, sys, time
+from pathlib import Path
+
+
+def job(folder, i):
+    folder = Path(folder)
+    signal.signal(signal.SIGTERM, lambda *a: (folder.joinpath(f"job{i}.stopped").touch(),
+                                              sys.exit(0)))
+    folder.joinpath(f"job{i}.pid").write_text(str(os.getpid()))
+    time.sleep(120)
+'''
+MAIN = '''
+import sys
+from benchmarks.depth_study import _parallel
+from studyjob import job
+
+if __name__ == "__main__":
+    _parallel([(sys.argv[1], i) for i in range(4)], job, 2)
+'''
+
+
+def test_a_stopped_study_stops_its_workers_and_starts_no_more_jobs(tmp_path):
+    """SIGTERM to the study passes on to the running jobs (a trainer saves its step there)
+    and cancels the queued ones: no worker outlives the study."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    (tmp_path / "studyjob.py").write_text(JOB)
+    (tmp_path / "main.py").write_text(MAIN)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(tmp_path)])}
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "main.py"), str(tmp_path)],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("job*.pid"))) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.05)
+    pids = [int(p.read_text()) for p in tmp_path.glob("job*.pid")]
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 1 and "the same command continues" in err, err
+    assert sorted(p.name for p in tmp_path.glob("job*.stopped")) == ["job0.stopped",
+                                                                     "job1.stopped"]
+    assert len(list(tmp_path.glob("job*.pid"))) == 2  # jobs 2 and 3 never started
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or \
+            Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"

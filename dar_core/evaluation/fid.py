@@ -180,7 +180,7 @@ def reference_stats(ref: Path, inception: InceptionFeatures) -> dict[str, Any]:
             cache = _write_cache(places, cached, ref_sha, inception.sha256)
         out.update({k: cached[k] for k in ("pool", "mu", "sigma", "mu_s", "sigma_s")})
         out["source"] = {k: "computed here" for k in ("fid", "sfid")}
-        out["cache"] = str(cache)
+        out["cache"] = None if cache is None else str(cache)
     with np.load(ref) as z:
         for m, c, what in (("mu", "sigma", "fid"), ("mu_s", "sigma_s", "sfid")):
             if m in stored and c in stored:
