@@ -113,7 +113,18 @@ def report(out: Path, runs: Path) -> dict:
                              f"[{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] | "
                              f"{v['p_sign_flip']:.3f} |")
         lines += [f"- {k}: **{v}**" for k, v in doc[name]["decisions"].items()]
+    from benchmarks.depth_figures import arms_report
+    from benchmarks.depth_study import ARMS
+
+    forest = [(f"{arm} / residual ({name})", v) for name in ("x3-seed0", "x3-seed1")
+              if name in doc for arm, v in doc[name]["vs_residual"].items()]
+    forest += [(f"static_t c4 / uniform c4 ({name})", doc[name]["static_t_vs_uniform"])
+               for name in ("x3-seed0", "x3-seed1") if name in doc]
+    finals = [r for log in sorted(runs.glob("*-seed*/final-evals.jsonl"))
+              for r in map(json.loads, log.read_text().splitlines()) if r["eval"] == "x3-seed0"]
     out.mkdir(parents=True, exist_ok=True)
+    more, doc["arms"] = arms_report(runs, out, list(ARMS), finals, forest)
+    lines += more
     (out / "depth.json").write_text(json.dumps(doc, indent=1) + "\n")
     (out / "depth.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / 'depth.md'}")

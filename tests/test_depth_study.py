@@ -132,3 +132,50 @@ def test_a_stopped_study_stops_its_workers_and_starts_no_more_jobs(tmp_path):
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or \
             Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+
+
+def test_arms_report_recovers_known_speedups_and_draws_every_figure(tmp_path):
+    """Arms whose FD curves are the residual's, ``k`` times faster: the report's paired
+    iterations-to-the-residual's-final-FD are ``k`` per seed, the FD ratio at B is
+    ``k^-1/2``, the wall-clock ratio the segment times', and every figure is a PNG."""
+    import json
+
+    from benchmarks.depth_analysis import report
+
+    B = 3200
+    steps = sorted({B // 2**k for k in range(6)})
+    speed = {"residual": 1.0, "static_t c4": 2.0, "uniform c4": 1.5, "dynamic c4": 1.2}
+    seeds = {"residual": 4, "static_t c4": 4, "uniform c4": 4, "dynamic c4": 2}
+    seconds = {"residual": 10.0, "static_t c4": 13.0, "uniform c4": 12.0, "dynamic c4": 15.0}
+    runs = tmp_path / "runs"
+    for arm, k in speed.items():
+        for s in range(seeds[arm]):
+            d = runs / f"{arm.replace(' ', '-')}-seed{s}"
+            d.mkdir(parents=True)
+            a = 50.0 * (1 + 0.1 * s)
+            extra = dict(kid=0.01 * k, class_accuracy=0.5, shape_accuracy=0.6,
+                         texture_accuracy=0.7, fd_real_floor=0.3, arm=arm, seed=s)
+            d.joinpath("evals.jsonl").write_text("".join(
+                json.dumps(dict(extra, fd=a * (k * n) ** -0.5, step=n,
+                                segment_train_seconds=seconds[arm])) + "\n" for n in steps))
+            d.joinpath("final-evals.jsonl").write_text("".join(
+                json.dumps(dict(extra, fd=a * (k * B) ** -0.5, step=B, eval=e)) + "\n"
+                for e in ("x3-seed0", "x3-seed1")))
+    out = tmp_path / "out"
+    doc = report(out, runs)
+    arms = doc["arms"]["curves"]["arms"]
+    for arm, k in speed.items():
+        if arm == "residual":
+            continue
+        per = [v["speedup"] for v in arms[arm]["paired"]["per_seed"].values()]
+        np.testing.assert_allclose(per, [k] * seeds[arm], rtol=1e-9)
+        ratio = doc["x3-seed0"]["vs_residual"][arm]["ratio"]
+        assert ratio == pytest.approx(k ** -0.5, rel=1e-9)
+        assert doc["arms"]["wall_clock"][arm]["ratio"] == pytest.approx(
+            seconds[arm] / seconds["residual"], rel=1e-9)
+        assert doc["arms"]["secondary_at_B"][arm]["kid"][0] == pytest.approx(0.01 * k)
+    assert doc["x3-seed0"]["decisions"]["DAR is better at depth"] == "yes"
+    for name in ("depth-quality.png", "depth-speedup.png", "depth-forest.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    md = (out / "depth.md").read_text()
+    assert "## Secondary metrics" in md and "static_t c4: 2.000×" in md
