@@ -79,6 +79,9 @@ def run_arm(arm: str, seed: int, preset: str, runs: str, backend: str,
                          dict(arm=arm, seed=seed))
 
 
+PARTIAL = "partial-seconds.json"
+
+
 def segmented_run(tc: TrainConfig, out: Path, steps: list[int], protocol: dict, backend: str,
                   tag: dict) -> list[dict]:
     """Train ``tc`` in segments ending at each of ``steps``, resuming from its own
@@ -103,9 +106,19 @@ def segmented_run(tc: TrainConfig, out: Path, steps: list[int], protocol: dict, 
             records.append(done[n])
             continue
         seg = tc.replace(steps=n, out=str(out), resume="auto", ckpt_every=n, sample_every=n)
+        # a stopped attempt's training time counts toward its segment (the resume times only
+        # the rest): kept in PARTIAL until the segment ends
+        spent = json.loads((out / PARTIAL).read_text()) if (out / PARTIAL).exists() else {}
+        before = float(spent.get(str(n), 0.0))
         t0 = time.perf_counter()
-        train(seg)
-        train_s = time.perf_counter() - t0
+        try:
+            train(seg)
+        except BaseException:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / PARTIAL).write_text(json.dumps({str(n): before + time.perf_counter() - t0}))
+            raise
+        train_s = before + time.perf_counter() - t0
+        (out / PARTIAL).unlink(missing_ok=True)
         ckpt = out / "checkpoints" / f"ckpt-{n:07d}.safetensors"
         r = evaluate_checkpoint(ckpt, backend=backend, **protocol, device=tc.device)
         r.update(**tag, step=n, segment_train_seconds=round(train_s, 2))

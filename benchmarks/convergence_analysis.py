@@ -114,7 +114,8 @@ def paired_speedup(res: dict[int, np.ndarray], arm: dict[int, np.ndarray],
                    steps: list[int]) -> dict:
     """Per seed, the budget over the iterations the arm's seed needs to reach the same seed's
     final residual FD (paired: same initialisation and data), with a t interval on the log
-    speedups (n - 1 degrees of freedom); no interval where a seed's speedup is not finite."""
+    speedups (n - 1 degrees of freedom); no interval where a seed's speedup is not finite or
+    its seed never reaches that FD."""
     from benchmarks.depth_analysis import t_interval
 
     seeds = sorted(set(res) & set(arm))
@@ -405,15 +406,16 @@ def _headline(result: dict) -> list[str]:
         out.append(f"- {arm}: reaches the residual arm's final quality (FD {p['q_star']:.3f}) "
                    f"with speedup {_fmt_ci(s, p['speedup_at_q_star_ci'], p['how'])} "
                    f"in iterations: {verdict}.")
+    n = max((p["paired"]["n"] for p in result["arms"].values()), default=0)
     out += ["", "**Paired per seed** (each seed's arm against the same seed's final residual "
-            "FD; 95% t interval, 2 degrees of freedom):"]
+            f"FD; 95% t interval, {n - 1} degrees of freedom):"]
     for arm, p in result["arms"].items():
         q = p["paired"]
         each = ", ".join(f"{v['speedup']:.3f}" + ("" if v["how"] == "interpolated"
                                                     else f" ({v['how']})")
                          for v in q["per_seed"].values())
         iv = (f"{q['speedup']:.3f}× [{q['ci95'][0]:.3f}, {q['ci95'][1]:.3f}]" if "ci95" in q
-              else "no interval (a seed's speedup is not finite)")
+              else "no interval (a seed never reaches it, or its speedup is not finite)")
         out.append(f"- {arm}: per seed {each}; {iv}.")
     return out
 

@@ -27,9 +27,9 @@ def arm_records(runs: Path) -> list[dict]:
 
 
 def curves(recs: list[dict], arms: list[str], out: Path) -> dict:
-    """``depth-quality.png`` (mean over seeds, min..max band) and, once every arm has a seed
-    evaluated at every step, the speedups over thresholds (``depth-speedup.png``) and the
-    paired per-seed iterations to the residual's final FD."""
+    """``depth-quality.png`` (mean over seeds, min..max band) and, for the arms with a seed
+    evaluated at every step (once the residual is one of them), the speedups over thresholds
+    (``depth-speedup.png``) and the paired per-seed iterations to the residual's final FD."""
     steps = sorted({r["step"] for r in recs})
     present = [a for a in arms if any(r["arm"] == a for r in recs)]
     raw = {"eval_steps": steps, "records": recs, "arms": present}
@@ -59,11 +59,15 @@ def secondary(finals: list[dict]) -> dict[str, dict[str, list[float]]]:
 
 
 def wall_clock(recs: list[dict]) -> dict[str, dict]:
-    """Paired per-seed ratio of the training seconds to ``B`` (the segments' own times)."""
+    """Paired per-seed ratio of the training seconds to ``B`` (the segments' own times), over
+    the runs evaluated at ``B``."""
     total: dict[tuple[str, int], float] = {}
+    last = max(r["step"] for r in recs)
+    done = {(r["arm"], int(r["seed"])) for r in recs if r["step"] == last}
     for r in recs:
         key = (r["arm"], int(r["seed"]))
-        total[key] = total.get(key, 0.0) + float(r["segment_train_seconds"])
+        if key in done:
+            total[key] = total.get(key, 0.0) + float(r["segment_train_seconds"])
     return {arm: paired(total, arm, "residual")
             for arm in sorted({a for a, _ in total}) if arm != "residual"}
 

@@ -169,7 +169,8 @@ def save_state(args: argparse.Namespace, out: Path = OUT, finished=lambda run: F
     for run in sorted(Path(args.runs).glob("*-seed*")):
         dst = out / "state" / run.name
         (dst / "checkpoints").mkdir(parents=True, exist_ok=True)
-        for name in ("evals.jsonl", "final-evals.jsonl", "metrics.jsonl", "config.json"):
+        for name in ("evals.jsonl", "final-evals.jsonl", "metrics.jsonl", "config.json",
+                     "partial-seconds.json"):
             if (run / name).exists():
                 shutil.copy2(run / name, dst / name)
         ckpts = sorted((run / "checkpoints").glob("ckpt-*.safetensors"))
@@ -198,8 +199,16 @@ _STOP = None  # in a worker: the study's stop event
 
 
 def _init_worker(stop) -> None:
+    """A worker: keep the study's stop event; a SIGTERM outside a trainer's own handling (an
+    evaluation, a start-up) ends the job, not the process, so the pool stays whole."""
     global _STOP
     _STOP = stop
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # started while it was blocked
+
+    def end_job(signum, frame):
+        raise SystemExit(f"job stopped by signal {signum}")
+
+    signal.signal(signal.SIGTERM, end_job)
 
 
 def _guarded(fn, *job):
@@ -212,30 +221,39 @@ def _guarded(fn, *job):
 def _parallel(jobs: list[tuple], fn, workers: int, keys: tuple | None = None):
     """``fn(*job)`` for every job in ``workers`` spawned processes. A SIGTERM to this process
     is passed on to the running jobs (a trainer then writes a checkpoint of its step and
-    stops) and no further job starts, so a stopped study leaves no process behind."""
+    stops) and no further job starts (nor after a failed job or Ctrl-C), so a stopped study
+    leaves no process behind."""
     ctx = multiprocessing.get_context("spawn")
     stop_event = ctx.Event()
     out = {}
     pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
                                   initializer=_init_worker, initargs=(stop_event,))
+    stopping = []
 
     def stop(signum, frame):
         stop_event.set()
-        pool.shutdown(wait=False, cancel_futures=True)
         for child in multiprocessing.active_children():
             child.terminate()
-        raise SystemExit(f"stopped by signal {signum}: the running jobs saved their step; "
-                         "the same command continues")
+        if not stopping:  # a second SIGTERM while the workers finish only passes it on
+            stopping.append(signum)
+            raise SystemExit(f"stopped by signal {signum}: the running jobs saved their step; "
+                             "the same command continues")
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
-        futures = {pool.submit(_guarded, fn, *job): (keys[i] if keys else job[:2])
-                   for i, job in enumerate(jobs)}
+        # submit() holds the pool's lock, which the handler's shutdown path must not meet
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            futures = {pool.submit(_guarded, fn, *job): (keys[i] if keys else job[:2])
+                       for i, job in enumerate(jobs)}
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         for fut in cf.as_completed(futures):
             out[futures[fut]] = fut.result()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        stop_event.set()  # a job still queued after a failure or a stop does not start
         pool.shutdown(wait=True, cancel_futures=True)
+        signal.signal(signal.SIGTERM, previous)
     return out
 
 

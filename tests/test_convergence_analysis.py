@@ -130,3 +130,35 @@ def test_paired_speedup_reads_each_seed_against_its_own_residual():
     out = paired_speedup(res, arm, steps)
     assert out["per_seed"]["1"]["speedup"] == pytest.approx(1.0)
     assert out["per_seed"]["2"]["how"] == "never" and "ci95" not in out
+
+
+def test_a_stopped_segments_training_time_counts_toward_it(tmp_path, monkeypatch):
+    """The resume after a stop times only the rest of the segment; the stopped attempt's
+    seconds are kept beside the run and added, so wall-clock ratios stay whole."""
+    import time
+    from types import SimpleNamespace
+
+    import dar_core.backend
+    import dar_core.evaluation.protocol
+    from benchmarks.convergence import PARTIAL, segmented_run
+    from dar_core.errors import TrainingInterrupted
+
+    attempts = []
+
+    def train(cfg):
+        attempts.append(cfg.steps)
+        time.sleep(0.3 if len(attempts) == 1 else 0.05)
+        if len(attempts) == 1:
+            raise TrainingInterrupted("stopped by SIGTERM")
+
+    monkeypatch.setattr(dar_core.backend, "load_backend", lambda name: SimpleNamespace(
+        train=train))
+    monkeypatch.setattr(dar_core.evaluation.protocol, "evaluate_checkpoint",
+                        lambda *a, **k: {"fd": 1.0, "class_accuracy": 0.5})
+    tc = PRESETS["cpu"]["train"]
+    with pytest.raises(TrainingInterrupted):
+        segmented_run(tc, tmp_path, [10], {}, "torch", {"arm": "residual", "seed": 0})
+    assert (tmp_path / PARTIAL).exists()
+    recs = segmented_run(tc, tmp_path, [10], {}, "torch", {"arm": "residual", "seed": 0})
+    assert attempts == [10, 10] and not (tmp_path / PARTIAL).exists()
+    assert 0.35 <= recs[0]["segment_train_seconds"] < 0.35 + 5.0  # both attempts, no other

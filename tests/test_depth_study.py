@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -105,7 +106,6 @@ if __name__ == "__main__":
 def test_a_stopped_study_stops_its_workers_and_starts_no_more_jobs(tmp_path):
     """SIGTERM to the study passes on to the running jobs (a trainer saves its step there)
     and cancels the queued ones: no worker outlives the study."""
-    import os
     import signal
     import subprocess
     import sys
@@ -117,22 +117,36 @@ def test_a_stopped_study_stops_its_workers_and_starts_no_more_jobs(tmp_path):
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(tmp_path)])}
     proc = subprocess.Popen([sys.executable, str(tmp_path / "main.py"), str(tmp_path)],
-                            env=env, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while len(list(tmp_path.glob("job*.pid"))) < 2:
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
-        time.sleep(0.05)
-    pids = [int(p.read_text()) for p in tmp_path.glob("job*.pid")]
-    proc.send_signal(signal.SIGTERM)
-    err = proc.communicate(timeout=60)[1]
+                            env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("job*.pid"))) < 2:
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "the jobs did not start"
+            time.sleep(0.05)
+        pids = [int(p.read_text()) for p in tmp_path.glob("job*.pid")]
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:  # a failure above: leave nothing running
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
     assert proc.returncode == 1 and "the same command continues" in err, err
     assert sorted(p.name for p in tmp_path.glob("job*.stopped")) == ["job0.stopped",
                                                                      "job1.stopped"]
     assert len(list(tmp_path.glob("job*.pid"))) == 2  # jobs 2 and 3 never started
     for pid in pids:
-        assert not Path(f"/proc/{pid}").exists() or \
-            Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+        assert not _alive(pid), pid
 
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (an exited process not yet reaped does not)."""
+    from dar_core.train.run import _zombie
+
+    try:
+        return os.path.exists(f"/proc/{pid}") and not _zombie(pid)
+    except OSError:
+        return False
 
 def test_arms_report_recovers_known_speedups_and_draws_every_figure(tmp_path):
     """Arms whose FD curves are the residual's, ``k`` times faster: the report's paired

@@ -264,7 +264,6 @@ def test_fid_against_images_adm_batch_and_cache(weights, tmp_path):
         reference_stats(tmp_path / "empty.npz", net)
 
 
-
 def test_reference_in_a_read_only_folder_is_cached_in_the_user_cache(weights, tmp_path,
                                                                       monkeypatch, capsys):
     pytest.importorskip("torch")
@@ -300,6 +299,7 @@ def test_reference_in_a_read_only_folder_is_cached_in_the_user_cache(weights, tm
     cached[0].unlink()
     fid.reference_stats(ref, net)  # nowhere to cache: said, and the numbers still come
     assert "could not cache the reference statistics" in capsys.readouterr().err
+
 
 def test_dar_fid_cli_prints_protocol_notes_and_errors(weights, tmp_path):
     pytest.importorskip("torch")

@@ -165,7 +165,11 @@ def reference_stats(ref: Path, inception: InceptionFeatures) -> dict[str, Any]:
         ref_sha = file_sha256(ref)
         name = f"{ref.name}.dar-inception-{inception.sha256[:12]}.npz"
         # beside the reference, or in the user's cache where that folder is read-only
-        places = (ref.with_name(name), user_cache() / "refstats" / f"{ref_sha[:16]}-{name}")
+        places: tuple[Path, ...] = (ref.with_name(name),)
+        try:
+            places += (user_cache() / "refstats" / f"{ref_sha[:16]}-{name}",)
+        except RuntimeError:  # no home directory to cache in
+            pass
         cache, cached = places[0], None
         for place in places:
             cached = _read_cache(place, ref_sha, inception.sha256)
