@@ -179,6 +179,11 @@ def _plot(recs: list[dict], path: Path) -> None:
         hi = np.array([max(by_step[k]) for k in s])
         ax.plot(s, np.exp(m), label=arm)
         ax.fill_between(s, np.exp(lo), np.exp(hi), alpha=0.2)
+    pre_json = OUT / "pretrain.json"
+    pre = json.loads(pre_json.read_text()) if pre_json.exists() else {}
+    if "steps" in pre:
+        ax.axhline(pre["records"][-1]["fd"], color="k", ls="--", lw=1,
+                   label=f"pretrained ({pre['steps']} steps)")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("continuation step")
