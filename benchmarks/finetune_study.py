@@ -153,11 +153,11 @@ def analyze(args: argparse.Namespace) -> None:
     _write(OUT / "finetune.json", {"by_step": {str(k): v for k, v in table.items()},
                                    "records": recs})
     (OUT / "finetune.md").write_text("\n".join(lines) + "\n")
-    _plot(recs, OUT / "finetune.png")
+    _plot(recs, OUT / "finetune.png", pre)
     print(f"wrote {OUT / 'finetune.md'}")
 
 
-def _plot(recs: list[dict], path: Path) -> None:
+def _plot(recs: list[dict], path: Path, pre: dict) -> None:
     if not recs:
         return
     import matplotlib
@@ -179,8 +179,6 @@ def _plot(recs: list[dict], path: Path) -> None:
         hi = np.array([max(by_step[k]) for k in s])
         ax.plot(s, np.exp(m), label=arm)
         ax.fill_between(s, np.exp(lo), np.exp(hi), alpha=0.2)
-    pre_json = OUT / "pretrain.json"
-    pre = json.loads(pre_json.read_text()) if pre_json.exists() else {}
     if "steps" in pre:
         ax.axhline(pre["records"][-1]["fd"], color="k", ls="--", lw=1,
                    label=f"pretrained ({pre['steps']} steps)")

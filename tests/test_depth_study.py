@@ -112,6 +112,8 @@ def test_a_stopped_study_stops_its_workers_and_starts_no_more_jobs(tmp_path):
     import time
     from pathlib import Path
 
+    from dar_core.train.run import process_running
+
     (tmp_path / "studyjob.py").write_text(JOB)
     (tmp_path / "main.py").write_text(MAIN)
     root = Path(__file__).resolve().parents[1]
@@ -136,17 +138,9 @@ def test_a_stopped_study_stops_its_workers_and_starts_no_more_jobs(tmp_path):
                                                                      "job1.stopped"]
     assert len(list(tmp_path.glob("job*.pid"))) == 2  # jobs 2 and 3 never started
     for pid in pids:
-        assert not _alive(pid), pid
+        assert not process_running(pid), pid
 
 
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (an exited process not yet reaped does not)."""
-    from dar_core.train.run import _zombie
-
-    try:
-        return os.path.exists(f"/proc/{pid}") and not _zombie(pid)
-    except OSError:
-        return False
 
 def test_arms_report_recovers_known_speedups_and_draws_every_figure(tmp_path):
     """Arms whose FD curves are the residual's, ``k`` times faster: the report's paired

@@ -20,7 +20,7 @@ from dar_core.backend import installed_backends, load_backend  # noqa: E402
 from dar_core.errors import CheckpointError  # noqa: E402
 from dar_core.io.checkpoint import load_checkpoint  # noqa: E402
 from dar_core.io.sharded import consolidate  # noqa: E402
-from dar_core.train.run import _zombie  # noqa: E402
+from dar_core.train.run import process_running  # noqa: E402
 
 SMALL = ["--model", "micro", "--image-size", "16", "--batch-size", "8", "--lr", "1e-3",
          "--adam-eps", "1e-4", "--no-progress", "--sample-every", "100000", "--chunk-size", "2",
@@ -61,10 +61,6 @@ def _process_tree(root: int) -> list[int]:
         todo += children.get(pid, [])
     return tree
 
-
-def _running(pid: int) -> bool:
-    """Whether ``pid`` still runs (a zombie, killed and waiting to be reaped, does not)."""
-    return Path(f"/proc/{pid}").exists() and not _zombie(pid)
 
 
 @pytest.fixture(scope="module")
@@ -178,8 +174,8 @@ def test_sigkill_and_resume_of_a_sharded_run_is_bit_identical(tmp_path):
             pass
     proc.wait()
     deadline = time.monotonic() + 30  # a live rank would still hold the run folder's lock
-    while any(_running(pid) for pid in tree):
-        assert time.monotonic() < deadline, [pid for pid in tree if _running(pid)]
+    while any(process_running(pid) for pid in tree):
+        assert time.monotonic() < deadline, [pid for pid in tree if process_running(pid)]
         time.sleep(0.1)
     kept = sorted(p.name for p in (killed / "checkpoints").glob("ckpt-*.sharded"))
     assert kept and "ckpt-0000008.sharded" not in kept, kept

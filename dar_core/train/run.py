@@ -774,13 +774,7 @@ class RunLock:
         host, _, pid = holder.partition(" ")
         if host != socket.gethostname() or not pid.isdigit():
             return bool(holder)  # another host's (or unreadable) lock: assume it is live
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        if _zombie(int(pid)):  # killed, not yet reaped by its parent: it holds nothing
+        if not process_running(int(pid)):
             return False
         return int(pid) != os.getpid()  # our own: an earlier run of this process, done
 
@@ -788,6 +782,18 @@ class RunLock:
         if self.held:
             self.held = False
             self.path.unlink(missing_ok=True)
+
+
+def process_running(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host; one killed but not yet reaped by its parent
+    (a zombie) does not, and holds nothing."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return not _zombie(pid)
 
 
 def _zombie(pid: int) -> bool:
