@@ -83,15 +83,30 @@ def pilot_decision(by_lr: dict[float, list[dict]]) -> dict:
     per_lr = {lr: pilot_budget(recs) for lr, recs in sorted(by_lr.items())}
     ok = [(v["B"], lr) for lr, v in per_lr.items() if v["B"] is not None]
     done = all(v["evaluated_to"] >= CAP for v in per_lr.values())
+    amended = False
     if ok:
         B, lr = min(ok)
         outcome = f"lr {lr:g}, B = {B} steps"
+    elif done:  # the amendment of 2026-12-07: B is the cap, lr the lower FD there
+        at_cap = {lr: next(r for r in v["rows"] if r["step"] == CAP)
+                  for lr, v in per_lr.items()}
+        lr = min(at_cap, key=lambda k: (at_cap[k]["fd"], k))
+        row, amended = at_cap[lr], True
+        if row["class_accuracy"] >= MIN_ACC:
+            B = CAP
+            outcome = (f"no lr meets the slope clause by the cap; by the amendment lr {lr:g}, "
+                       f"B = {CAP} steps (FD {row['fd']:.3f}, class accuracy "
+                       f"{row['class_accuracy']:.3f}, last-octave slope "
+                       f"{row['octave_slope']:.2f})")
+        else:
+            B, lr = None, None
+            outcome = ("no lr meets the rule by the cap, and the lower FD there has class "
+                       "accuracy below 0.5: the arms do not run at this preset")
     else:
         B, lr = None, None
-        outcome = ("no lr meets the rule by the cap: the arms do not run at this preset"
-                   if done else "pilot incomplete: no lr meets the rule yet")
+        outcome = "pilot incomplete: no lr meets the rule yet"
     return {"lr": lr, "B": B, "complete": done or bool(ok), "outcome": outcome,
-            "per_lr": {f"{k:g}": v for k, v in per_lr.items()}}
+            "amended": amended, "per_lr": {f"{k:g}": v for k, v in per_lr.items()}}
 
 
 def symptoms_present(diag: dict) -> dict:

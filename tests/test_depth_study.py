@@ -10,6 +10,7 @@ import pytest
 
 from benchmarks.depth_analysis import decisions, paired, sign_flip_p, t_interval
 from benchmarks.depth_study import (
+    CAP,
     PILOT_STEPS,
     octave_slope,
     pilot_budget,
@@ -45,8 +46,21 @@ def test_the_pilot_decision_prefers_the_smaller_budget_then_the_lower_lr():
     assert d["lr"] == 2e-3 and d["B"] == pilot_budget(fast)["B"]
     tie = pilot_decision({1e-3: fast, 2e-3: fast})
     assert tie["lr"] == 1e-3
-    none = pilot_decision({1e-3: _curve(10**9, 0), 2e-3: _curve(10**9, 0)})
-    assert none["B"] is None and "no lr meets the rule by the cap" in none["outcome"]
+    part = [r for r in _curve(10**9, 0) if r["step"] < CAP]
+    assert pilot_decision({1e-3: part, 2e-3: part})["B"] is None  # not at the cap yet
+
+
+def test_the_amendment_takes_the_cap_and_the_lower_fd_there_when_no_lr_flattens():
+    steep = _curve(10**9, 0)  # FD 100/n: never flat enough
+    lower = [dict(r, fd=r["fd"] * 0.8) for r in steep]
+    d = pilot_decision({1e-3: steep, 2e-3: lower})
+    assert (d["lr"], d["B"], d["amended"]) == (2e-3, CAP, True)
+    assert "slope clause" in d["outcome"] and "-1.00" in d["outcome"]
+    assert pilot_decision({1e-3: steep, 2e-3: steep})["lr"] == 1e-3  # a tie: the lower lr
+    weak = [dict(r, class_accuracy=0.4) for r in lower]
+    d = pilot_decision({1e-3: steep, 2e-3: weak})  # the lower FD is below 0.5 accuracy
+    assert d["B"] is None and "do not run" in d["outcome"]
+    assert not pilot_decision({1e-3: _curve(2000, 1000), 2e-3: steep})["amended"]
 
 
 def test_symptom_check():
