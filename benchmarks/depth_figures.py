@@ -135,3 +135,77 @@ def arms_report(runs: Path, out: Path, arms: list[str], finals: list[dict],
             cells = " | ".join(f"{v[k][0]:.4f} ± {v[k][1]:.4f}" for k in SECONDARY)
             lines.append(f"| {arm} | {int(v['seeds'][0])} | {cells} |")
     return lines, doc
+
+
+def diagnostics(runs: Path, out: Path, arms: list[str], pilot_diag: dict | None
+                ) -> tuple[list[str], dict]:
+    """The paper's three symptoms per t at ``B``: each arm's seed-0 run side by side in
+    ``diagnostics/`` (symptoms, importance and routing plots of ``dar diagnose``), and per arm
+    and t the means over its seeds of the state-RMS growth, the gradient decay and the mean
+    adjacent cosine. Before any arm has its diagnostics, the pilot residual's at ``B``."""
+    from dar_core.diagnostics.symptoms import write_report
+
+    per_arm: dict[str, list[dict]] = {}
+    for arm in arms:
+        for f in sorted(Path(runs).glob(f"{arm.replace(' ', '-')}-seed[0-9]/diagnostics.json")):
+            per_arm.setdefault(arm, []).append(json.loads(f.read_text()))
+    if not per_arm and pilot_diag is None:
+        return [], {}
+    if not per_arm:
+        per_arm = {"residual (pilot)": [pilot_diag]}
+    first = next(iter(per_arm.values()))[0]
+    models = [dict(d[0]["models"][0], label=arm) for arm, d in per_arm.items()]
+    write_report({**first, "models": models}, out / "diagnostics")
+    table: dict[str, list[dict]] = {}
+    for arm, diags in per_arm.items():
+        rows = []
+        for i, t in enumerate(first["timesteps"]):
+            ps = [d["models"][0]["per_t"][i] for d in diags]
+            rows.append({
+                "t": t, "seeds": len(ps),
+                "state_growth": float(np.mean([p["state_rms"][-1] / p["state_rms"][0]
+                                               for p in ps])),
+                "grad_decay": float(np.mean([p["grad_rms"][-1] / p["grad_rms"][0]
+                                             for p in ps if p.get("grad_rms")
+                                             and p["grad_rms"][0]] or [np.nan])),
+                "cosine": float(np.mean([np.mean(p["cosine"]) for p in ps]))})
+        table[arm] = rows
+    lines = ["", "## Symptoms per t at B", "",
+             "`diagnostics/symptoms.png` (state RMS, gradient RMS and adjacent cosine over "
+             "depth; each arm's seed 0), `diagnostics/importance.png`, and the routing "
+             "weights of the DAR arms in `diagnostics/routing-*.png`. Means over seeds:", "",
+             "| arm | t | seeds | state RMS z_D/z_1 | grad RMS z_D/z_1 | mean adjacent cosine |",
+             "|---|---|---|---|---|---|"]
+    for arm, rows in table.items():
+        lines += [f"| {arm} | {r['t']:g} | {r['seeds']} | {r['state_growth']:.2f} | "
+                  f"{r['grad_decay']:.2f} | {r['cosine']:.3f} |" for r in rows]
+    return lines, table
+
+
+def plot_trend(by_depth: dict[int, dict[str, dict]], path: Path) -> None:
+    """Each arm's paired FD ratio vs the residual (95% t interval) at each depth."""
+    from dar_core.io.plots import pyplot, save_figure
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    arms = sorted({a for v in by_depth.values() for a in v})
+    depths = sorted(by_depth)
+    for i, arm in enumerate(arms):
+        pts = [(d, by_depth[d][arm]) for d in depths
+               if by_depth[d].get(arm, {}).get("n", 0) >= 2]
+        if not pts:
+            continue
+        x = np.array([d for d, _ in pts]) + 0.15 * (i - (len(arms) - 1) / 2)
+        r = np.array([v["ratio"] for _, v in pts])
+        lo = np.array([v["ci95"][0] for _, v in pts])
+        hi = np.array([v["ci95"][1] for _, v in pts])
+        ax.errorbar(x, r, yerr=[r - lo, hi - r], marker="o", capsize=4, label=arm)
+    ax.axhline(1.0, color="grey", ls="--", lw=1)
+    ax.set(yscale="log", xlabel="blocks", xlim=(min(depths) - 1.5, max(depths) + 1.5),
+           ylabel="FD ratio vs residual at B (< 1: better)",
+           title="Depth trend: paired final FD ratio, 95% t interval")
+    ax.set_xticks(depths, [str(d) for d in depths])
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)

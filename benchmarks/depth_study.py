@@ -6,6 +6,9 @@
     python -m benchmarks.depth_study analyze          # tables, decision rules, plots
     python -m benchmarks.depth_study save-state       # copy what continuing needs into results
 
+``--preset tiny`` runs the same protocol at 4 blocks (``runs/depth-tiny``,
+``results/depth/tiny``) for the depth trend, which ``analyze`` of the deep study reads.
+
 Every phase continues where a killed one stopped (each run trains in segments from its own
 checkpoint and logs its evaluations). ``save-state`` copies each run's ``evals.jsonl`` and
 newest checkpoint to ``results/depth/state/`` so a later session continues from the commit
@@ -47,6 +50,9 @@ ARMS = {  # name -> (TrainConfig fields, seeds)
     "dynamic c4": (dict(routing="dar", query="dynamic", chunk_size=4), (0, 1)),
 }
 OUT = RESULTS / "depth"
+# preset -> (results folder, default runs folder): the 12-block study, and the 4-block rerun of
+# the same protocol for the depth trend
+PRESETS = {"deep": (OUT, "runs/depth"), "tiny": (OUT / "tiny", "runs/depth-tiny")}
 
 
 def run_dir(runs: Path, name: str, seed: int, lr: float | None = None) -> Path:
@@ -122,35 +128,47 @@ def symptoms_present(diag: dict) -> dict:
     return {"mean_cosine_per_t": cos, "grad_growth_fraction_per_t": grows, "present": ok}
 
 
-def _pilot_job(lr: float, runs: str) -> list[dict]:
-    return segmented_run(BASE.replace(routing="residual", lr=lr, seed=0),
+def _pilot_job(lr: float, runs: str, preset: str) -> list[dict]:
+    return segmented_run(BASE.replace(model=preset, routing="residual", lr=lr, seed=0),
                          run_dir(Path(runs), "pilot-residual", 0, lr), PILOT_STEPS, PROTOCOL,
                          "torch", dict(arm="residual", seed=0, lr=lr))
 
 
 def pilot(args: argparse.Namespace) -> None:
-    by_lr = _parallel([(lr, args.runs) for lr in PILOT_LRS], _pilot_job, args.jobs,
-                      keys=PILOT_LRS)
+    by_lr = _parallel([(lr, args.runs, args.preset) for lr in PILOT_LRS], _pilot_job,
+                      args.jobs, keys=PILOT_LRS)
     decision = pilot_decision(by_lr)
     if decision["B"] is not None:
         from dar_core.diagnostics.symptoms import diagnose
 
         ck = run_dir(Path(args.runs), "pilot-residual", 0, decision["lr"]) / "checkpoints" / \
             f"ckpt-{decision['B']:07d}.safetensors"
-        decision["symptoms"] = symptoms_present(diagnose([str(ck)], backend="torch"))
-    _write(OUT / "pilot.json", {"decision": decision, "protocol": PROTOCOL, "cap": CAP,
-                                "lrs": PILOT_LRS, "machine": machine(),
-                                "command": "python -m benchmarks.depth_study pilot"})
+        diag = diagnose([str(ck)], backend="torch")
+        decision["symptoms"] = symptoms_present(diag)
+        _write(args.out / "pilot-diagnostics.json", diag)
+        if decision["symptoms"]["present"] and adopt_pilot(Path(args.runs), decision["lr"],
+                                                           decision["B"]):
+            print("the residual arm's seed 0 is the pilot's run (adopted)")
+    _write(args.out / "pilot.json", {
+        "decision": decision, "protocol": PROTOCOL, "cap": CAP, "lrs": PILOT_LRS,
+        "preset": args.preset, "machine": machine(),
+        "command": f"python -m benchmarks.depth_study pilot --preset {args.preset}"})
     print(decision["outcome"])
 
 
 # Arms -----------------------------------------------------------------------------------------
-def _arm_job(arm: str, seed: int, lr: float, B: int, runs: str) -> list[dict]:
+DIAGNOSTICS = "diagnostics.json"
+
+
+def arm_steps(B: int) -> list[int]:
+    return sorted({B // 2**k for k in range(6)})
+
+
+def _arm_job(arm: str, seed: int, lr: float, B: int, runs: str, preset: str) -> list[dict]:
     fields, _ = ARMS[arm]
-    tc = BASE.replace(**fields, lr=lr, seed=seed)
+    tc = BASE.replace(**fields, model=preset, lr=lr, seed=seed)
     out = run_dir(Path(runs), arm, seed)
-    steps = sorted({B // 2**k for k in range(6)})
-    records = segmented_run(tc, out, steps, PROTOCOL, "torch", dict(arm=arm, seed=seed))
+    records = segmented_run(tc, out, arm_steps(B), PROTOCOL, "torch", dict(arm=arm, seed=seed))
     from dar_core.evaluation.protocol import evaluate_checkpoint
 
     log = out / "final-evals.jsonl"
@@ -162,17 +180,71 @@ def _arm_job(arm: str, seed: int, lr: float, B: int, runs: str) -> list[dict]:
             r.update(arm=arm, seed=seed, step=B, eval=name)
             with open(log, "a") as f:
                 f.write(json.dumps(r) + "\n")
+    if not (out / DIAGNOSTICS).exists():  # the paper's symptoms and the routing, per t, at B
+        from dar_core.diagnostics.symptoms import diagnose, save_json
+
+        save_json(diagnose([str(ck)], backend="torch"), out / DIAGNOSTICS)
     return records
 
 
+def finished(run: Path, out: Path) -> bool:
+    """Nothing continues from ``run``: an arm run with both final evaluations and its
+    diagnostics, or a pilot run once the pilot's decision (and its symptom check) is written."""
+    if run.name.startswith("pilot-"):
+        if not (out / "pilot.json").exists():
+            return False
+        d = json.loads((out / "pilot.json").read_text())["decision"]
+        return d["complete"] and (d["B"] is None or "symptoms" in d)
+    log = run / "final-evals.jsonl"
+    done = {json.loads(x)["eval"] for x in log.read_text().splitlines()} if log.exists() else set()
+    return done >= set(FINAL_PROTOCOLS) and (run / DIAGNOSTICS).exists()
+
+
+def adopt_pilot(runs: Path, lr: float, B: int) -> Path | None:
+    """The residual arm's seed 0 is the pilot's run at the chosen lr (the same configuration,
+    and a resumed run is bit-identical to an unbroken one): its checkpoint at ``B`` and its
+    evaluations at the arm's steps, each with the training seconds since the previous one."""
+    src, dst = run_dir(runs, "pilot-residual", 0, lr), run_dir(runs, "residual", 0)
+    ck = src / "checkpoints" / f"ckpt-{B:07d}.safetensors"
+    if dst.exists() or not ck.exists():
+        return None
+    steps = set(arm_steps(B))
+    recs = sorted(map(json.loads, (src / "evals.jsonl").read_text().splitlines()),
+                  key=lambda r: r["step"])
+    if not steps <= {r["step"] for r in recs}:
+        return None
+    kept, acc = [], 0.0
+    for r in recs:
+        if r["step"] > B:
+            break
+        acc += r["segment_train_seconds"]
+        if r["step"] in steps:
+            kept.append(dict(r, arm="residual", segment_train_seconds=round(acc, 2),
+                             adopted_from=src.name))
+            acc = 0.0
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "checkpoints").mkdir(parents=True)
+    shutil.copy2(src / "config.json", tmp / "config.json")
+    shutil.copy2(ck, tmp / "checkpoints" / ck.name)
+    with open(src / "metrics.jsonl") as f:
+        rows = [x for x in f if x.strip() and json.loads(x)["step"] <= B]
+    (tmp / "metrics.jsonl").write_text("".join(rows))
+    (tmp / "evals.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp.rename(dst)
+    return dst
+
+
 def arms(args: argparse.Namespace) -> None:
-    decision = json.loads((OUT / "pilot.json").read_text())["decision"]
+    decision = json.loads((args.out / "pilot.json").read_text())["decision"]
     sym = decision.get("symptoms", {})
     if decision["B"] is None or not sym.get("present"):
         sys.exit(f"the pilot does not let the arms run: {decision['outcome']}; symptoms "
                  f"{sym or 'not measured'}")
-    jobs = [(a, s, decision["lr"], decision["B"], args.runs)
-            for a, (_, seeds) in ARMS.items() for s in seeds]
+    # seed by seed, so that a study stopped part-way has whole paired seeds
+    jobs = [(a, s, decision["lr"], decision["B"], args.runs, args.preset)
+            for s in sorted({s for _, seeds in ARMS.values() for s in seeds})
+            for a, (_, seeds) in ARMS.items() if s in seeds]
     _parallel(jobs, _arm_job, args.jobs)
     print("arms done; run `python -m benchmarks.depth_study analyze`")
 
@@ -181,11 +253,11 @@ def arms(args: argparse.Namespace) -> None:
 def save_state(args: argparse.Namespace, out: Path = OUT, finished=lambda run: False) -> None:
     """Each run's logs and newest checkpoint -> ``out/state`` (what continuing needs); a run
     that ``finished(run_dir)`` says is done keeps its logs only (nothing continues from it)."""
-    for run in sorted(Path(args.runs).glob("*-seed*")):
+    for run in sorted(Path(args.runs).glob("*-seed[0-9]")):
         dst = out / "state" / run.name
         (dst / "checkpoints").mkdir(parents=True, exist_ok=True)
         for name in ("evals.jsonl", "final-evals.jsonl", "metrics.jsonl", "config.json",
-                     "partial-seconds.json"):
+                     "partial-seconds.json", DIAGNOSTICS):
             if (run / name).exists():
                 shutil.copy2(run / name, dst / name)
         ckpts = sorted((run / "checkpoints").glob("ckpt-*.safetensors"))
@@ -281,16 +353,25 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("phase", choices=("pilot", "arms", "analyze", "save-state",
                                       "restore-state"))
-    ap.add_argument("--runs", default="runs/depth")
+    ap.add_argument("--preset", choices=list(PRESETS), default="deep",
+                    help="deep: the 12-block study; tiny: its 4-block rerun (the depth trend)")
+    ap.add_argument("--runs", help="runs folder (default runs/depth, runs/depth-tiny)")
     ap.add_argument("--jobs", type=int, default=2, help="runs trained at once (1 thread each)")
     args = ap.parse_args(argv)
+    args.out, default_runs = PRESETS[args.preset]
+    args.runs = args.runs or default_runs
     if args.phase == "analyze":
         from benchmarks.depth_analysis import report
 
-        report(OUT, Path(args.runs))
+        report(args.out, Path(args.runs), args.preset)
         return
-    {"pilot": pilot, "arms": arms, "save-state": save_state,
-     "restore-state": restore_state}[args.phase](args)
+    if args.phase == "save-state":
+        save_state(args, args.out, lambda run: finished(run, args.out))
+        return
+    if args.phase == "restore-state":
+        restore_state(args, args.out)
+        return
+    {"pilot": pilot, "arms": arms}[args.phase](args)
 
 
 if __name__ == "__main__":

@@ -201,3 +201,102 @@ def test_arms_report_recovers_known_speedups_and_draws_every_figure(tmp_path):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     md = (out / "depth.md").read_text()
     assert "## Secondary metrics" in md and "static_t c4: 2.000×" in md
+
+
+def test_the_depth_trend_rule():
+    from benchmarks.depth_analysis import depth_trend
+
+    deep = {"static_t c4": {"n": 4, "ratio": 0.8, "ci95": [0.7, 0.9]}}
+    assert depth_trend(deep, {"static_t c4": {"n": 4, "ratio": 0.95}}) == "yes"
+    assert depth_trend(deep, {"static_t c4": {"n": 4, "ratio": 0.85}}).startswith("not shown")
+    assert depth_trend(deep, None).startswith("not tested")
+
+
+def _diag_from_real_checkpoint(tmp_path, routing, name):
+    from dar_core.diagnostics.symptoms import diagnose
+    from dar_core.io.checkpoint import save_checkpoint
+    from dar_core.spec.config import model_config
+    from dar_core.spec.schema import random_params
+
+    cfg = model_config("micro", routing=routing, input_size=16)
+    ck = save_checkpoint(tmp_path / f"{name}.safetensors", cfg,
+                         random_params(cfg, 0, dtype=np.float32), meta={"step": 3})
+    return diagnose([str(ck)], (0.2, 0.8), n=4, backend="torch")
+
+
+def test_the_report_draws_the_symptoms_per_t_and_the_depth_trend(tmp_path):
+    """Arm runs that carry ``dar diagnose``'s result at B: the report's per-t table is their
+    mean over seeds and ``diagnostics/`` has the plots; with the 4-block rerun's ratios beside
+    the deep ones, the depth-trend rule and figure."""
+    import json
+
+    from benchmarks.depth_analysis import report
+
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    diags = {"residual": _diag_from_real_checkpoint(tmp_path, "residual", "r"),
+             "static_t c4": _diag_from_real_checkpoint(tmp_path, "dar", "d")}
+    for arm, diag in diags.items():
+        for s in (0, 1):
+            d = runs / f"{arm.replace(' ', '-')}-seed{s}"
+            d.mkdir(parents=True)
+            ratio = 0.8 if arm != "residual" else 1.0
+            d.joinpath("final-evals.jsonl").write_text("".join(
+                json.dumps(dict(arm=arm, seed=s, step=100, eval=e, fd=(1 + s) * ratio)) + "\n"
+                for e in ("x3-seed0", "x3-seed1")))
+            d.joinpath("diagnostics.json").write_text(json.dumps(diag))
+    (out / "tiny").mkdir(parents=True)
+    (out / "tiny" / "depth.json").write_text(json.dumps({"blocks": 4, "x3-seed0": {
+        "vs_residual": {"static_t c4": {"n": 4, "ratio": 0.9, "ci95": [0.85, 0.95]}}}}))
+    doc = report(out, runs, "deep")
+    res = diags["residual"]["models"][0]["per_t"]
+    got = doc["symptoms_at_B"]["residual"]
+    assert [r["t"] for r in got] == [0.2, 0.8] and got[0]["seeds"] == 2
+    assert got[1]["cosine"] == pytest.approx(np.mean(res[1]["cosine"]))
+    assert got[0]["state_growth"] == pytest.approx(res[0]["state_rms"][-1] / res[0]["state_rms"][0])
+    assert got[0]["grad_decay"] == pytest.approx(res[0]["grad_rms"][-1] / res[0]["grad_rms"][0])
+    for name in ("diagnostics/symptoms.png", "diagnostics/routing-1.png", "depth-trend.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert doc["x3-seed0"]["decisions"]["the gain grows with depth"] == "yes"  # 0.8 < 0.9
+    md = (out / "depth.md").read_text()
+    assert "## Symptoms per t at B" in md and "## Depth trend" in md
+
+
+def test_the_residual_arm_adopts_the_pilot_run_and_finished_runs_keep_logs_only(tmp_path):
+    import json
+
+    from benchmarks.depth_study import adopt_pilot, arm_steps, finished, run_dir, save_state
+
+    runs, out, B = tmp_path / "runs", tmp_path / "out", 1600
+    src = run_dir(runs, "pilot-residual", 0, 2e-3)
+    (src / "checkpoints").mkdir(parents=True)
+    grid = [50, 71, 100, 141, 200, 283, 400, 566, 800, 1131, 1600, 2263]
+    src.joinpath("evals.jsonl").write_text("".join(
+        json.dumps(dict(step=n, fd=1.0, arm="residual", seed=0, lr=2e-3,
+                        segment_train_seconds=1.0)) + "\n" for n in grid))
+    src.joinpath("metrics.jsonl").write_text("".join(
+        json.dumps({"step": n}) + "\n" for n in range(10, 2300, 10)))
+    src.joinpath("config.json").write_text("{}")
+    for n in grid:
+        src.joinpath("checkpoints", f"ckpt-{n:07d}.safetensors").write_bytes(b"x")
+    dst = adopt_pilot(runs, 2e-3, B)
+    assert dst == run_dir(runs, "residual", 0)
+    recs = [json.loads(x) for x in (dst / "evals.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == arm_steps(B) == [50, 100, 200, 400, 800, 1600]
+    # every pilot segment up to B is counted once: 1 + 2 + 2 + 2 + 2 + 2 = 11 segments
+    assert [r["segment_train_seconds"] for r in recs] == [1.0, 2.0, 2.0, 2.0, 2.0, 2.0]
+    assert [p.name for p in (dst / "checkpoints").iterdir()] == ["ckpt-0001600.safetensors"]
+    assert json.loads((dst / "metrics.jsonl").read_text().splitlines()[-1])["step"] == B
+    assert adopt_pilot(runs, 2e-3, B) is None  # already there: left as it is
+    assert not finished(dst, out)
+    dst.joinpath("final-evals.jsonl").write_text("".join(
+        json.dumps({"eval": e}) + "\n" for e in ("x3-seed0", "x3-seed1")))
+    assert not finished(dst, out)  # its diagnostics are still missing
+    dst.joinpath("diagnostics.json").write_text("{}")
+    assert finished(dst, out) and not finished(src, out)  # the pilot has no decision yet
+    out.mkdir()
+    out.joinpath("pilot.json").write_text(json.dumps({"decision": {
+        "complete": True, "B": B, "symptoms": {"present": True}}}))
+    assert finished(src, out)
+    save_state(type("A", (), {"runs": str(runs)})(), out, lambda r: finished(r, out))
+    assert not (out / "state" / src.name / "checkpoints").exists()
+    assert (out / "state" / dst.name / "diagnostics.json").exists()
