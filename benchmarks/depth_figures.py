@@ -60,10 +60,12 @@ def secondary(finals: list[dict]) -> dict[str, dict[str, list[float]]]:
 
 def wall_clock(recs: list[dict]) -> dict[str, dict]:
     """Paired per-seed ratio of the training seconds to ``B`` (the segments' own times), over
-    the runs evaluated at ``B``."""
+    the runs evaluated at ``B``. A run adopted from the pilot is left out: its segments were
+    timed in another study's schedule (other processes beside it, other segment ends)."""
     total: dict[tuple[str, int], float] = {}
     last = max(r["step"] for r in recs)
-    done = {(r["arm"], int(r["seed"])) for r in recs if r["step"] == last}
+    done = {(r["arm"], int(r["seed"])) for r in recs if r["step"] == last
+            and "adopted_from" not in r}
     for r in recs:
         key = (r["arm"], int(r["seed"]))
         if key in done:

@@ -177,9 +177,13 @@ def test_arms_report_recovers_known_speedups_and_draws_every_figure(tmp_path):
             a = 50.0 * (1 + 0.1 * s)
             extra = dict(kid=0.01 * k, class_accuracy=0.5, shape_accuracy=0.6,
                          texture_accuracy=0.7, fd_real_floor=0.3, arm=arm, seed=s)
+            # the residual's seed 0 adopted from the pilot: timed elsewhere, not in wall-clock
+            adopted = dict(adopted_from="pilot", segment_train_seconds=99.0) \
+                if (arm, s) == ("residual", 0) else {}
             d.joinpath("evals.jsonl").write_text("".join(
-                json.dumps(dict(extra, fd=a * (k * n) ** -0.5, step=n,
-                                segment_train_seconds=seconds[arm])) + "\n" for n in steps))
+                json.dumps({**extra, "fd": a * (k * n) ** -0.5, "step": n,
+                            "segment_train_seconds": seconds[arm], **adopted}) + "\n"
+                for n in steps))
             d.joinpath("final-evals.jsonl").write_text("".join(
                 json.dumps(dict(extra, fd=a * (k * B) ** -0.5, step=B, eval=e)) + "\n"
                 for e in ("x3-seed0", "x3-seed1")))
@@ -195,6 +199,7 @@ def test_arms_report_recovers_known_speedups_and_draws_every_figure(tmp_path):
         assert ratio == pytest.approx(k ** -0.5, rel=1e-9)
         assert doc["arms"]["wall_clock"][arm]["ratio"] == pytest.approx(
             seconds[arm] / seconds["residual"], rel=1e-9)
+        assert doc["arms"]["wall_clock"][arm]["seeds"] == list(range(1, seeds[arm]))
         assert doc["arms"]["secondary_at_B"][arm]["kid"][0] == pytest.approx(0.01 * k)
     assert doc["x3-seed0"]["decisions"]["DAR is better at depth"] == "yes"
     for name in ("depth-quality.png", "depth-speedup.png", "depth-forest.png"):
