@@ -80,9 +80,9 @@ def depth_trend(deep: dict, shallow: dict | None) -> str:
         f"not shown (12-block interval reaches the 4-block ratio {sh['ratio']:.3f})"
 
 
-def report(out: Path, runs: Path, preset: str = "deep") -> dict:
-    """``depth.json`` and ``depth.md`` for the phase the study is in (the deep study's also
-    reads the 4-block rerun's ``tiny/depth.json`` for the depth trend)."""
+def report(out: Path, runs: Path, preset: str, shallow_path: Path | None = None) -> dict:
+    """``depth.json`` and ``depth.md`` for the phase the study is in; with ``shallow_path``
+    (the 4-block rerun's ``depth.json``), the depth trend."""
     from dar_core.spec.config import model_config
 
     pilot_path = out / "pilot.json"
@@ -120,13 +120,15 @@ def report(out: Path, runs: Path, preset: str = "deep") -> dict:
                       "ratios below are measured on a residual curve that is still improving."]
         if "symptoms" in d:
             sy = d["symptoms"]
-            lines += ["", "Residual symptoms at B (the protocol's check: mean adjacent cosine "
-                      "> 0.9 and gradient RMS growing toward the output in >= 80% of adjacent "
-                      f"pairs, at every t): **{'present' if sy['present'] else 'absent'}**; "
-                      "mean cosine per t " + ", ".join(f"{c:.3f}" for c in
-                                                       sy["mean_cosine_per_t"]) +
-                      "; growing-gradient share per t " +
-                      ", ".join(f"{g:.2f}" for g in sy["grad_growth_fraction_per_t"]) + "."]
+            verdict = "present" if sy["present"] else \
+                "absent: the arms do not run at this preset"
+            lines += ["", "Residual symptoms at B (the protocol's check, at every t: mean "
+                      "adjacent cosine > 0.9, and gradient RMS falling toward the output in "
+                      f">= 80% of adjacent block pairs): **{verdict}**.",
+                      "", "| t | mean adjacent cosine | share of pairs with falling gradient |",
+                      "|---|---|---|"]
+            lines += [f"| {t:g} | {c:.3f} | {g:.2f} |" for t, c, g in zip(
+                sy["timesteps"], sy["mean_cosine_per_t"], sy["grad_fall_fraction_per_t"])]
     for name in ("x3-seed0", "x3-seed1"):
         final = _final_evals(runs, name)
         if not final:
@@ -161,8 +163,7 @@ def report(out: Path, runs: Path, preset: str = "deep") -> dict:
     more, doc["symptoms_at_B"] = diagnostics(
         runs, out, list(ARMS), json.loads(diag_path.read_text()) if diag_path.exists() else None)
     lines += more
-    shallow_path = out / "tiny" / "depth.json"
-    if preset == "deep" and "x3-seed0" in doc:
+    if shallow_path is not None and "x3-seed0" in doc:
         shallow = json.loads(shallow_path.read_text()) if shallow_path.exists() else {}
         sv = shallow.get("x3-seed0", {}).get("vs_residual")
         rule = depth_trend(doc["x3-seed0"]["vs_residual"], sv)

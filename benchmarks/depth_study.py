@@ -52,7 +52,8 @@ ARMS = {  # name -> (TrainConfig fields, seeds)
 OUT = RESULTS / "depth"
 # preset -> (results folder, default runs folder): the 12-block study, and the 4-block rerun of
 # the same protocol for the depth trend
-PRESETS = {"deep": (OUT, "runs/depth"), "tiny": (OUT / "tiny", "runs/depth-tiny")}
+PRESETS = {"deep16": (OUT / "deep16", "runs/depth-deep16"), "deep": (OUT, "runs/depth"),
+           "tiny": (OUT / "tiny", "runs/depth-tiny")}
 
 
 def run_dir(runs: Path, name: str, seed: int, lr: float | None = None) -> Path:
@@ -116,16 +117,20 @@ def pilot_decision(by_lr: dict[float, list[dict]]) -> dict:
 
 
 def symptoms_present(diag: dict) -> dict:
-    """The pre-registered symptom check on ``dar diagnose``'s result for the residual at B."""
+    """The pre-registered symptom check on ``dar diagnose``'s result for the residual at B:
+    mean adjacent cosine above 0.9, and the gradient RMS of the block states falling with the
+    block index (the paper's decay toward the output; the erratum of 2026-12-07) in at least
+    80% of adjacent pairs, at every t."""
     per_t = diag["models"][0]["per_t"]
     cos = [float(np.mean(p["cosine"])) for p in per_t]
-    grows = []
+    falls = []
     for p in per_t:
         g = p["grad_rms"]
-        pairs = [b > a for a, b in zip(g, g[1:])]
-        grows.append(sum(pairs) / len(pairs) if pairs else 0.0)
-    ok = all(c > 0.9 for c in cos) and all(f >= 0.8 for f in grows)
-    return {"mean_cosine_per_t": cos, "grad_growth_fraction_per_t": grows, "present": ok}
+        pairs = [b < a for a, b in zip(g, g[1:])]
+        falls.append(sum(pairs) / len(pairs) if pairs else 0.0)
+    ok = all(c > 0.9 for c in cos) and all(f >= 0.8 for f in falls)
+    return {"timesteps": list(diag["timesteps"]), "mean_cosine_per_t": cos,
+            "grad_fall_fraction_per_t": falls, "present": ok}
 
 
 def _pilot_job(lr: float, runs: str, preset: str) -> list[dict]:
@@ -353,8 +358,10 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("phase", choices=("pilot", "arms", "analyze", "save-state",
                                       "restore-state"))
-    ap.add_argument("--preset", choices=list(PRESETS), default="deep",
-                    help="deep: the 12-block study; tiny: its 4-block rerun (the depth trend)")
+    ap.add_argument("--preset", choices=list(PRESETS), default="deep16",
+                    help="deep16: the study (16 blocks); deep: its 12-block pilot, whose "
+                    "residual did not pass the symptom check; tiny: the 4-block rerun (the "
+                    "depth trend)")
     ap.add_argument("--runs", help="runs folder (default runs/depth, runs/depth-tiny)")
     ap.add_argument("--jobs", type=int, default=2, help="runs trained at once (1 thread each)")
     args = ap.parse_args(argv)
@@ -363,7 +370,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.phase == "analyze":
         from benchmarks.depth_analysis import report
 
-        report(args.out, Path(args.runs), args.preset)
+        shallow = None if args.preset == "tiny" else PRESETS["tiny"][0] / "depth.json"
+        report(args.out, Path(args.runs), args.preset, shallow)
         return
     if args.phase == "save-state":
         save_state(args, args.out, lambda run: finished(run, args.out))

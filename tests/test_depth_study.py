@@ -64,11 +64,20 @@ def test_the_amendment_takes_the_cap_and_the_lower_fd_there_when_no_lr_flattens(
 
 
 def test_symptom_check():
-    def diag(cos, grads):
-        return {"models": [{"per_t": [{"cosine": cos, "grad_rms": grads}] * 3}]}
-    assert symptoms_present(diag([0.95] * 11, list(range(1, 13))))["present"]
-    assert not symptoms_present(diag([0.85] * 11, list(range(1, 13))))["present"]
-    assert not symptoms_present(diag([0.95] * 11, list(range(12, 0, -1))))["present"]
+    """The paper's symptoms: adjacent cosine above 0.9 and the gradient falling toward the
+    output (one rising pair in ten is allowed, three are not), at every t."""
+    def diag(cos, grads, t=(0.0, 0.5, 1.0)):
+        return {"timesteps": list(t), "models": [{"per_t": [{"cosine": cos,
+                                                             "grad_rms": grads}] * len(t)}]}
+    falling = [12.0, 11, 10, 9, 8, 9, 6, 5, 4, 3, 2]  # one rising pair in ten
+    got = symptoms_present(diag([0.95] * 10, falling))
+    assert got["present"] and got["grad_fall_fraction_per_t"] == [0.9] * 3
+    assert got["timesteps"] == [0.0, 0.5, 1.0]
+    assert not symptoms_present(diag([0.95] * 10, falling[::-1]))["present"]  # rising
+    bumpy = [12.0, 11, 12, 10, 11, 9, 10, 8, 7, 6, 5]  # three rising pairs in ten
+    assert not symptoms_present(diag([0.95] * 10, bumpy))["present"]
+    assert not symptoms_present(diag([0.94] * 9 + [0.5], falling))["present"]  # mean 0.896
+    assert symptoms_present(diag([0.96] * 9 + [0.5], falling))["present"]  # mean 0.914
 
 
 def test_t_interval_and_exact_sign_flip_p():
@@ -188,7 +197,7 @@ def test_arms_report_recovers_known_speedups_and_draws_every_figure(tmp_path):
                 json.dumps(dict(extra, fd=a * (k * B) ** -0.5, step=B, eval=e)) + "\n"
                 for e in ("x3-seed0", "x3-seed1")))
     out = tmp_path / "out"
-    doc = report(out, runs)
+    doc = report(out, runs, "deep16")
     arms = doc["arms"]["curves"]["arms"]
     for arm, k in speed.items():
         if arm == "residual":
@@ -252,7 +261,7 @@ def test_the_report_draws_the_symptoms_per_t_and_the_depth_trend(tmp_path):
     (out / "tiny").mkdir(parents=True)
     (out / "tiny" / "depth.json").write_text(json.dumps({"blocks": 4, "x3-seed0": {
         "vs_residual": {"static_t c4": {"n": 4, "ratio": 0.9, "ci95": [0.85, 0.95]}}}}))
-    doc = report(out, runs, "deep")
+    doc = report(out, runs, "deep16", out / "tiny" / "depth.json")
     res = diags["residual"]["models"][0]["per_t"]
     got = doc["symptoms_at_B"]["residual"]
     assert [r["t"] for r in got] == [0.2, 0.8] and got[0]["seeds"] == 2
