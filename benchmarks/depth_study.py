@@ -1,28 +1,33 @@
 """Does DAR pay off at depth, and is it the learned routing? The pre-registered study of
 ``benchmarks/README.md`` ("Depth study"), in resumable phases:
 
+    python -m benchmarks.depth_study run              # all of it: pilots, then the arms
     python -m benchmarks.depth_study pilot            # residual lr 1e-3 / 2e-3 to the cap
     python -m benchmarks.depth_study arms             # the four arms at the pilot's lr and B
     python -m benchmarks.depth_study analyze          # tables, decision rules, plots
     python -m benchmarks.depth_study save-state       # copy what continuing needs into results
 
-``--preset tiny`` runs the same protocol at 4 blocks (``runs/depth-tiny``,
-``results/depth/tiny``) for the depth trend, which ``analyze`` of the deep study reads.
+``--preset`` picks the study: ``deep16`` (16 blocks, the default: ``runs/depth-deep16``,
+``results/depth/deep16``), ``tiny`` (the same protocol at 4 blocks, for the depth trend, which
+the deep16 report reads), ``deep`` (12 blocks: its pilot did not pass the symptom check), or
+``all`` for analyze, save-state and restore-state.
 
 Every phase continues where a killed one stopped (each run trains in segments from its own
-checkpoint and logs its evaluations). ``save-state`` copies each run's ``evals.jsonl`` and
-newest checkpoint to ``results/depth/state/`` so a later session continues from the commit
-(``restore-state`` puts them back under ``--runs``).
+checkpoint and logs its evaluations). ``save-state`` copies each run's logs and, while it is
+not finished, its newest checkpoint to ``<results>/state/`` so a later session continues from
+the commit (``restore-state`` puts them back under the runs folder). To continue the study:
+
+    python -m benchmarks.depth_study restore-state --preset all
+    OMP_NUM_THREADS=1 python -m benchmarks.depth_study run --jobs 2
+    python -m benchmarks.depth_study save-state --preset all   # after stopping it (SIGTERM)
+    python -m benchmarks.depth_study analyze --preset all
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import json
-import multiprocessing
 import shutil
-import signal
 import sys
 from pathlib import Path
 
@@ -30,6 +35,7 @@ import numpy as np
 
 from benchmarks.common import RESULTS, machine
 from benchmarks.convergence import eval_steps, segmented_run
+from benchmarks.study_pool import parallel, run_pool
 from dar_core.train.run import TrainConfig
 
 BASE = TrainConfig(model="deep", image_size=16, num_classes=24, batch_size=64, lr=1e-3,
@@ -139,26 +145,44 @@ def _pilot_job(lr: float, runs: str, preset: str) -> list[dict]:
                          "torch", dict(arm="residual", seed=0, lr=lr))
 
 
-def pilot(args: argparse.Namespace) -> None:
-    by_lr = _parallel([(lr, args.runs, args.preset) for lr in PILOT_LRS], _pilot_job,
-                      args.jobs, keys=PILOT_LRS)
-    decision = pilot_decision(by_lr)
+def _evals(run: Path) -> list[dict]:
+    log = run / "evals.jsonl"
+    return [json.loads(x) for x in log.read_text().splitlines() if x.strip()] \
+        if log.exists() else []
+
+
+def _at_cap(run: Path) -> bool:
+    return any(r["step"] == CAP for r in _evals(run))
+
+
+def decide(preset: str, runs: Path, out: Path) -> dict:
+    """The pilot's decision from its logged evaluations: lr and B, the symptom check on the
+    residual at B (with ``dar diagnose``'s result kept), the adoption of the pilot's run as the
+    residual arm's seed 0 when the arms may run; ``pilot.json``."""
+    decision = pilot_decision({lr: _evals(run_dir(runs, "pilot-residual", 0, lr))
+                               for lr in PILOT_LRS})
     if decision["B"] is not None:
         from dar_core.diagnostics.symptoms import diagnose
 
-        ck = run_dir(Path(args.runs), "pilot-residual", 0, decision["lr"]) / "checkpoints" / \
+        ck = run_dir(runs, "pilot-residual", 0, decision["lr"]) / "checkpoints" / \
             f"ckpt-{decision['B']:07d}.safetensors"
         diag = diagnose([str(ck)], backend="torch")
         decision["symptoms"] = symptoms_present(diag)
-        _write(args.out / "pilot-diagnostics.json", diag)
-        if decision["symptoms"]["present"] and adopt_pilot(Path(args.runs), decision["lr"],
-                                                           decision["B"]):
-            print("the residual arm's seed 0 is the pilot's run (adopted)")
-    _write(args.out / "pilot.json", {
+        _write(out / "pilot-diagnostics.json", diag)
+        if decision["symptoms"]["present"] and adopt_pilot(runs, decision["lr"], decision["B"]):
+            print(f"{preset}: the residual arm's seed 0 is the pilot's run (adopted)")
+    _write(out / "pilot.json", {
         "decision": decision, "protocol": PROTOCOL, "cap": CAP, "lrs": PILOT_LRS,
-        "preset": args.preset, "machine": machine(),
-        "command": f"python -m benchmarks.depth_study pilot --preset {args.preset}"})
-    print(decision["outcome"])
+        "preset": preset, "machine": machine(),
+        "command": f"python -m benchmarks.depth_study pilot --preset {preset}"})
+    print(f"{preset}: {decision['outcome']}")
+    return decision
+
+
+def pilot(args: argparse.Namespace) -> None:
+    parallel([(lr, args.runs, args.preset) for lr in PILOT_LRS], _pilot_job, args.jobs,
+             keys=PILOT_LRS)
+    decide(args.preset, Path(args.runs), args.out)
 
 
 # Arms -----------------------------------------------------------------------------------------
@@ -240,18 +264,72 @@ def adopt_pilot(runs: Path, lr: float, B: int) -> Path | None:
     return dst
 
 
-def arms(args: argparse.Namespace) -> None:
-    decision = json.loads((args.out / "pilot.json").read_text())["decision"]
-    sym = decision.get("symptoms", {})
-    if decision["B"] is None or not sym.get("present"):
-        sys.exit(f"the pilot does not let the arms run: {decision['outcome']}; symptoms "
-                 f"{sym or 'not measured'}")
-    # seed by seed, so that a study stopped part-way has whole paired seeds
-    jobs = [(a, s, decision["lr"], decision["B"], args.runs, args.preset)
+def _decision(out: Path) -> dict | None:
+    path = out / "pilot.json"
+    d = json.loads(path.read_text())["decision"] if path.exists() else None
+    return d if d and d["complete"] else None
+
+
+def _arms_may_run(d: dict | None) -> bool:
+    return bool(d and d["B"] is not None and d.get("symptoms", {}).get("present"))
+
+
+def arm_jobs(preset: str, runs: Path, d: dict) -> list[tuple]:
+    """Seed by seed, so that a study stopped part-way has whole paired seeds."""
+    return [(a, s, d["lr"], d["B"], str(runs), preset)
             for s in sorted({s for _, seeds in ARMS.values() for s in seeds})
             for a, (_, seeds) in ARMS.items() if s in seeds]
-    _parallel(jobs, _arm_job, args.jobs)
+
+
+def arms(args: argparse.Namespace) -> None:
+    decision = _decision(args.out)
+    if not _arms_may_run(decision):
+        sys.exit(f"the pilot does not let the arms run: "
+                 f"{decision['outcome'] if decision else 'no decision yet'}; symptoms "
+                 f"{(decision or {}).get('symptoms', 'not measured')}")
+    parallel(arm_jobs(args.preset, Path(args.runs), decision), _arm_job, args.jobs)
     print("arms done; run `python -m benchmarks.depth_study analyze`")
+
+
+# Every phase of every active preset -----------------------------------------------------------
+ACTIVE = ("deep16", "tiny")  # the study, and the 4-block rerun for the depth trend
+
+
+def next_job(busy: set) -> tuple | None:
+    """The next job of the whole study not in ``busy``: the pilots first (their decisions let
+    the arms start), then each preset's arms, seed by seed."""
+    for preset in ACTIVE:
+        out, runs = PRESETS[preset][0], Path(PRESETS[preset][1])
+        if _decision(out) is None:
+            for lr in PILOT_LRS:
+                key = (preset, "pilot", lr)
+                if key not in busy and not _at_cap(run_dir(runs, "pilot-residual", 0, lr)):
+                    return key, _pilot_job, (lr, str(runs), preset)
+    for preset in ACTIVE:
+        out, runs = PRESETS[preset][0], Path(PRESETS[preset][1])
+        d = _decision(out)
+        if not _arms_may_run(d):
+            continue
+        for job in arm_jobs(preset, runs, d):
+            key = (preset, job[0], job[1])
+            if key not in busy and not finished(run_dir(runs, job[0], job[1]), out):
+                return key, _arm_job, job
+    return None
+
+
+def _decide_ready() -> None:
+    """Each active preset whose pilot runs are all at the cap but has no decision: decide."""
+    for preset in ACTIVE:
+        out, runs = PRESETS[preset][0], Path(PRESETS[preset][1])
+        if _decision(out) is None and all(_at_cap(run_dir(runs, "pilot-residual", 0, lr))
+                                          for lr in PILOT_LRS):
+            decide(preset, runs, out)
+
+
+def run_all(args: argparse.Namespace) -> None:
+    _decide_ready()
+    run_pool(next_job, args.jobs, on_done=lambda key, result: _decide_ready())
+    print("every active preset is done: run `python -m benchmarks.depth_study analyze`")
 
 
 # State ----------------------------------------------------------------------------------------
@@ -287,67 +365,6 @@ def restore_state(args: argparse.Namespace, out: Path = OUT) -> None:
 
 
 # Helpers --------------------------------------------------------------------------------------
-_STOP = None  # in a worker: the study's stop event
-
-
-def _init_worker(stop) -> None:
-    """A worker: keep the study's stop event; a SIGTERM outside a trainer's own handling (an
-    evaluation, a start-up) ends the job, not the process, so the pool stays whole."""
-    global _STOP
-    _STOP = stop
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # started while it was blocked
-
-    def end_job(signum, frame):
-        raise SystemExit(f"job stopped by signal {signum}")
-
-    signal.signal(signal.SIGTERM, end_job)
-
-
-def _guarded(fn, *job):
-    """``fn(*job)``, unless the study was stopped before this queued job could start."""
-    if _STOP is not None and _STOP.is_set():
-        raise RuntimeError(f"not started: the study was stopped before job {job[:2]}")
-    return fn(*job)
-
-
-def _parallel(jobs: list[tuple], fn, workers: int, keys: tuple | None = None):
-    """``fn(*job)`` for every job in ``workers`` spawned processes. A SIGTERM to this process
-    is passed on to the running jobs (a trainer then writes a checkpoint of its step and
-    stops) and no further job starts (nor after a failed job or Ctrl-C), so a stopped study
-    leaves no process behind."""
-    ctx = multiprocessing.get_context("spawn")
-    stop_event = ctx.Event()
-    out = {}
-    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
-                                  initializer=_init_worker, initargs=(stop_event,))
-    stopping = []
-
-    def stop(signum, frame):
-        stop_event.set()
-        for child in multiprocessing.active_children():
-            child.terminate()
-        if not stopping:  # a second SIGTERM while the workers finish only passes it on
-            stopping.append(signum)
-            raise SystemExit(f"stopped by signal {signum}: the running jobs saved their step; "
-                             "the same command continues")
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        # submit() holds the pool's lock, which the handler's shutdown path must not meet
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-        try:
-            futures = {pool.submit(_guarded, fn, *job): (keys[i] if keys else job[:2])
-                       for i, job in enumerate(jobs)}
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-        for fut in cf.as_completed(futures):
-            out[futures[fut]] = fut.result()
-    finally:
-        stop_event.set()  # a job still queued after a failure or a stop does not start
-        pool.shutdown(wait=True, cancel_futures=True)
-        signal.signal(signal.SIGTERM, previous)
-    return out
-
 
 def _write(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -356,30 +373,42 @@ def _write(path: Path, obj: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("phase", choices=("pilot", "arms", "analyze", "save-state",
-                                      "restore-state"))
-    ap.add_argument("--preset", choices=list(PRESETS), default="deep16",
+    ap.add_argument("phase", choices=("run", "pilot", "arms", "analyze", "save-state",
+                                      "restore-state"),
+                    help="run: every phase of every active preset (deep16, tiny), pilots first")
+    ap.add_argument("--preset", choices=[*PRESETS, "all"], default="deep16",
                     help="deep16: the study (16 blocks); deep: its 12-block pilot, whose "
                     "residual did not pass the symptom check; tiny: the 4-block rerun (the "
-                    "depth trend)")
-    ap.add_argument("--runs", help="runs folder (default runs/depth, runs/depth-tiny)")
+                    "depth trend); all: every preset (analyze, save-state, restore-state)")
+    ap.add_argument("--runs", help="runs folder of one preset (default: runs/depth, "
+                    "runs/depth-deep16, runs/depth-tiny)")
     ap.add_argument("--jobs", type=int, default=2, help="runs trained at once (1 thread each)")
     args = ap.parse_args(argv)
-    args.out, default_runs = PRESETS[args.preset]
-    args.runs = args.runs or default_runs
+    if args.phase == "run":
+        run_all(args)
+        return
+    presets = ("tiny", "deep", "deep16") if args.preset == "all" else (args.preset,)
+    if args.preset == "all" and args.phase in ("pilot", "arms"):
+        ap.error(f"--preset all is for analyze, save-state and restore-state, not {args.phase}")
+    for preset in presets:
+        one = argparse.Namespace(**{**vars(args), "preset": preset})
+        one.out, default_runs = PRESETS[preset]
+        one.runs = (args.runs if args.preset != "all" else None) or default_runs
+        _phase(one)
+
+
+def _phase(args: argparse.Namespace) -> None:
     if args.phase == "analyze":
         from benchmarks.depth_analysis import report
 
         shallow = None if args.preset == "tiny" else PRESETS["tiny"][0] / "depth.json"
         report(args.out, Path(args.runs), args.preset, shallow)
-        return
-    if args.phase == "save-state":
+    elif args.phase == "save-state":
         save_state(args, args.out, lambda run: finished(run, args.out))
-        return
-    if args.phase == "restore-state":
+    elif args.phase == "restore-state":
         restore_state(args, args.out)
-        return
-    {"pilot": pilot, "arms": arms}[args.phase](args)
+    else:
+        {"pilot": pilot, "arms": arms}[args.phase](args)
 
 
 if __name__ == "__main__":

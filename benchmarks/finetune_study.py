@@ -24,7 +24,8 @@ import numpy as np
 from benchmarks.common import RESULTS, machine
 from benchmarks.convergence import eval_steps, segmented_run
 from benchmarks.depth_analysis import paired
-from benchmarks.depth_study import _parallel, _write, octave_slope, restore_state, save_state
+from benchmarks.depth_study import _write, octave_slope, restore_state, save_state
+from benchmarks.study_pool import parallel
 from dar_core.train.run import TrainConfig
 
 PRETRAIN = TrainConfig(model="tiny", routing="residual", image_size=16, num_classes=24,
@@ -97,7 +98,7 @@ def continue_(args: argparse.Namespace) -> None:
         raise SystemExit(f"the pretrained model is not at a plateau (last-octave slope "
                          f"{pre['last_octave_slope']:.3f}) at {pre['steps']} of at most "
                          f"{MAX_PRETRAIN} steps: run the pretrain phase first")
-    _parallel([(a, s, args.runs) for s in SEEDS for a in ARMS], _continue_job, args.jobs)
+    parallel([(a, s, args.runs) for s in SEEDS for a in ARMS], _continue_job, args.jobs)
 
 
 def _finished(run: Path) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -118,11 +119,11 @@ def job(folder, i):
 '''
 MAIN = '''
 import sys
-from benchmarks.depth_study import _parallel
+from benchmarks.study_pool import parallel
 from studyjob import job
 
 if __name__ == "__main__":
-    _parallel([(sys.argv[1], i) for i in range(4)], job, 2)
+    parallel([(sys.argv[1], i) for i in range(4)], job, 2)
 '''
 
 
@@ -314,3 +315,58 @@ def test_the_residual_arm_adopts_the_pilot_run_and_finished_runs_keep_logs_only(
     save_state(type("A", (), {"runs": str(runs)})(), out, lambda r: finished(r, out))
     assert not (out / "state" / src.name / "checkpoints").exists()
     assert (out / "state" / dst.name / "diagnostics.json").exists()
+
+
+def test_the_pool_starts_jobs_that_earlier_results_made_available():
+    from benchmarks.study_pool import run_pool
+
+    queue = [("a", pow, (2, 3))]
+
+    def next_job(busy):
+        return queue.pop(0) if queue else None
+
+    def on_done(key, result):  # "a" done: its result is "b"'s input
+        if key == "a":
+            queue.append(("b", pow, (result, 2)))
+
+    assert run_pool(next_job, 2, on_done) == {"a": 8, "b": 64}
+
+
+def test_the_whole_study_runs_pilots_first_then_each_presets_arms(tmp_path, monkeypatch):
+    import json
+
+    import benchmarks.depth_study as ds
+
+    presets = {p: (tmp_path / "out" / p, str(tmp_path / "runs" / p)) for p in ds.ACTIVE}
+    monkeypatch.setattr(ds, "PRESETS", presets)
+    first, second = ds.ACTIVE
+    assert ds.next_job(set())[0] == (first, "pilot", 1e-3)
+    assert ds.next_job({(first, "pilot", 1e-3)})[0] == (first, "pilot", 2e-3)
+    busy = {(first, "pilot", 1e-3), (first, "pilot", 2e-3)}
+    assert ds.next_job(busy)[0] == (second, "pilot", 1e-3)
+
+    def at_cap(preset, lr):
+        run = ds.run_dir(Path(presets[preset][1]), "pilot-residual", 0, lr)
+        run.mkdir(parents=True)
+        run.joinpath("evals.jsonl").write_text(json.dumps({"step": ds.CAP, "fd": 1.0}) + "\n")
+
+    for lr in ds.PILOT_LRS:
+        at_cap(first, lr)
+    assert ds.next_job(set())[0] == (second, "pilot", 1e-3)  # the first waits for its decision
+    out = presets[first][0]
+    out.mkdir(parents=True)
+    out.joinpath("pilot.json").write_text(json.dumps({"decision": {
+        "complete": True, "lr": 2e-3, "B": 800, "symptoms": {"present": True}}}))
+    key, fn, job = ds.next_job({(second, "pilot", 1e-3), (second, "pilot", 2e-3)})
+    assert key == (first, "residual", 0) and fn is ds._arm_job
+    assert job == ("residual", 0, 2e-3, 800, presets[first][1], first)
+    done = ds.run_dir(Path(presets[first][1]), "residual", 0)  # finished: skipped
+    done.mkdir(parents=True)
+    done.joinpath("final-evals.jsonl").write_text("".join(
+        json.dumps({"eval": e}) + "\n" for e in ds.FINAL_PROTOCOLS))
+    done.joinpath(ds.DIAGNOSTICS).write_text("{}")
+    assert ds.next_job({(second, "pilot", 1e-3), (second, "pilot", 2e-3)})[0] == (
+        first, "static_t c4", 0)
+    out.joinpath("pilot.json").write_text(json.dumps({"decision": {
+        "complete": True, "lr": 2e-3, "B": 800, "symptoms": {"present": False}}}))
+    assert ds.next_job({(second, "pilot", 1e-3), (second, "pilot", 2e-3)}) is None
