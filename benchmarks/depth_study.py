@@ -292,7 +292,7 @@ def arms(args: argparse.Namespace) -> None:
 
 
 # Every phase of every active preset -----------------------------------------------------------
-ACTIVE = ("deep16", "tiny")  # the study, and the 4-block rerun for the depth trend
+ACTIVE = ("tiny", "deep16")  # the 4-block rerun for the depth trend (cheap), and the study
 
 
 def next_job(busy: set) -> tuple | None:
