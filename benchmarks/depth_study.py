@@ -56,6 +56,7 @@ ARMS = {  # name -> (TrainConfig fields, seeds)
     "dynamic c4": (dict(routing="dar", query="dynamic", chunk_size=4), (0, 1)),
 }
 OUT = RESULTS / "depth"
+SHALLOW = ("tiny",)  # the depth trend's shallow end: no symptom gate
 # preset -> (results folder, default runs folder): the 12-block study, and the 4-block rerun of
 # the same protocol for the depth trend
 PRESETS = {"deep16": (OUT / "deep16", "runs/depth-deep16"), "deep": (OUT, "runs/depth"),
@@ -169,7 +170,7 @@ def decide(preset: str, runs: Path, out: Path) -> dict:
         diag = diagnose([str(ck)], backend="torch")
         decision["symptoms"] = symptoms_present(diag)
         _write(out / "pilot-diagnostics.json", diag)
-        if decision["symptoms"]["present"] and adopt_pilot(runs, decision["lr"], decision["B"]):
+        if _arms_may_run(decision, preset) and adopt_pilot(runs, decision["lr"], decision["B"]):
             print(f"{preset}: the residual arm's seed 0 is the pilot's run (adopted)")
     _write(out / "pilot.json", {
         "decision": decision, "protocol": PROTOCOL, "cap": CAP, "lrs": PILOT_LRS,
@@ -270,8 +271,12 @@ def _decision(out: Path) -> dict | None:
     return d if d and d["complete"] else None
 
 
-def _arms_may_run(d: dict | None) -> bool:
-    return bool(d and d["B"] is not None and d.get("symptoms", {}).get("present"))
+def _arms_may_run(d: dict | None, preset: str) -> bool:
+    """A budget, and the residual's symptoms at it; the 4-block rerun is the depth trend's
+    shallow end, where the symptoms are reported but do not gate (its budget only)."""
+    if not d or d["B"] is None:
+        return False
+    return preset in SHALLOW or bool(d.get("symptoms", {}).get("present"))
 
 
 def arm_jobs(preset: str, runs: Path, d: dict) -> list[tuple]:
@@ -283,7 +288,7 @@ def arm_jobs(preset: str, runs: Path, d: dict) -> list[tuple]:
 
 def arms(args: argparse.Namespace) -> None:
     decision = _decision(args.out)
-    if not _arms_may_run(decision):
+    if not _arms_may_run(decision, args.preset):
         sys.exit(f"the pilot does not let the arms run: "
                  f"{decision['outcome'] if decision else 'no decision yet'}; symptoms "
                  f"{(decision or {}).get('symptoms', 'not measured')}")
@@ -308,7 +313,7 @@ def next_job(busy: set) -> tuple | None:
     for preset in ACTIVE:
         out, runs = PRESETS[preset][0], Path(PRESETS[preset][1])
         d = _decision(out)
-        if not _arms_may_run(d):
+        if not _arms_may_run(d, preset):
             continue
         for job in arm_jobs(preset, runs, d):
             key = (preset, job[0], job[1])

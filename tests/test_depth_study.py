@@ -337,9 +337,10 @@ def test_the_whole_study_runs_pilots_first_then_each_presets_arms(tmp_path, monk
 
     import benchmarks.depth_study as ds
 
+    first, second = "deepA", "deepB"  # two presets the symptom check gates
+    monkeypatch.setattr(ds, "ACTIVE", (first, second))
     presets = {p: (tmp_path / "out" / p, str(tmp_path / "runs" / p)) for p in ds.ACTIVE}
     monkeypatch.setattr(ds, "PRESETS", presets)
-    first, second = ds.ACTIVE
     assert ds.next_job(set())[0] == (first, "pilot", 1e-3)
     assert ds.next_job({(first, "pilot", 1e-3)})[0] == (first, "pilot", 2e-3)
     busy = {(first, "pilot", 1e-3), (first, "pilot", 2e-3)}
@@ -370,3 +371,11 @@ def test_the_whole_study_runs_pilots_first_then_each_presets_arms(tmp_path, monk
     out.joinpath("pilot.json").write_text(json.dumps({"decision": {
         "complete": True, "lr": 2e-3, "B": 800, "symptoms": {"present": False}}}))
     assert ds.next_job({(second, "pilot", 1e-3), (second, "pilot", 2e-3)}) is None
+    # the 4-block rerun's arms run without the symptoms (its budget only)
+    shallow = tmp_path / "out" / "shallow"
+    monkeypatch.setattr(ds, "PRESETS", {**presets, "tiny": (shallow, str(tmp_path / "s"))})
+    monkeypatch.setattr(ds, "ACTIVE", ("tiny",))
+    shallow.mkdir()
+    shallow.joinpath("pilot.json").write_text(json.dumps({"decision": {
+        "complete": True, "lr": 1e-3, "B": 800, "symptoms": {"present": False}}}))
+    assert ds.next_job(set())[0] == ("tiny", "residual", 0)
