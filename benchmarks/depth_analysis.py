@@ -90,15 +90,12 @@ def report(out: Path, runs: Path, preset: str, shallow_path: Path | None = None)
                  "preset": preset, "blocks": model_config(preset).depth}
     lines = [f"# Depth study at {doc['blocks']} blocks (`{preset}`; pre-registered: "
              "benchmarks/README.md, \"Depth study\")", "",
-             "Regenerate: `python -m benchmarks.depth_study restore-state --preset "
-             f"{preset} && python -m benchmarks.depth_study pilot --preset {preset} && "
-             f"python -m benchmarks.depth_study arms --preset {preset} && "
-             f"python -m benchmarks.depth_study analyze --preset {preset}` "
-             "(each phase continues from the committed state; `--jobs 2` trains two "
-             "single-thread runs at once).", ""]
+             "Regenerate (each run continues from the committed state; two single-thread "
+             "runs at once): `python -m benchmarks.depth_study restore-state --preset all && "
+             "OMP_NUM_THREADS=1 python -m benchmarks.depth_study run --jobs 2 && "
+             "python -m benchmarks.depth_study analyze --preset all`.", ""]
     if doc["pilot"] is None:
-        lines.append("The pilot has not finished: no decision yet "
-                     "(`python -m benchmarks.depth_study pilot`). Its evaluations so far:")
+        lines.append("The pilot has not finished: no decision yet. Its evaluations so far:")
         lines += ["", "| lr | step | FD | class acc | segment s |", "|---|---|---|---|---|"]
         done = [json.loads(x) for log in sorted(runs.glob("pilot-*-seed*/evals.jsonl"))
                 for x in log.read_text().splitlines()]
@@ -120,8 +117,11 @@ def report(out: Path, runs: Path, preset: str, shallow_path: Path | None = None)
                       "ratios below are measured on a residual curve that is still improving."]
         if "symptoms" in d:
             sy = d["symptoms"]
+            from benchmarks.depth_study import SHALLOW
+
             verdict = "present" if sy["present"] else \
-                "absent: the arms do not run at this preset"
+                "absent (the depth trend's shallow end: reported, its arms still run)" \
+                if preset in SHALLOW else "absent: the arms do not run at this preset"
             lines += ["", "Residual symptoms at B (the protocol's check, at every t: mean "
                       "adjacent cosine > 0.9, and gradient RMS falling toward the output in "
                       f">= 80% of adjacent block pairs): **{verdict}**.",
