@@ -146,10 +146,18 @@ def _pilot_job(lr: float, runs: str, preset: str) -> list[dict]:
                          "torch", dict(arm="residual", seed=0, lr=lr))
 
 
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] \
+        if path.exists() else []
+
+
 def _evals(run: Path) -> list[dict]:
-    log = run / "evals.jsonl"
-    return [json.loads(x) for x in log.read_text().splitlines() if x.strip()] \
-        if log.exists() else []
+    return _jsonl(run / "evals.jsonl")
+
+
+def _final_done(run: Path) -> set[str]:
+    """The final evaluations (``FINAL_PROTOCOLS`` names) ``run`` has logged."""
+    return {r["eval"] for r in _jsonl(run / "final-evals.jsonl")}
 
 
 def _at_cap(run: Path) -> bool:
@@ -201,8 +209,7 @@ def _arm_job(arm: str, seed: int, lr: float, B: int, runs: str, preset: str) -> 
     records = segmented_run(tc, out, arm_steps(B), PROTOCOL, "torch", dict(arm=arm, seed=seed))
     from dar_core.evaluation.protocol import evaluate_checkpoint
 
-    log = out / "final-evals.jsonl"
-    done = {json.loads(x)["eval"] for x in log.read_text().splitlines()} if log.exists() else set()
+    log, done = out / "final-evals.jsonl", _final_done(out)
     ck = out / "checkpoints" / f"ckpt-{B:07d}.safetensors"
     for name, proto in FINAL_PROTOCOLS.items():
         if name not in done:
@@ -221,13 +228,9 @@ def finished(run: Path, out: Path) -> bool:
     """Nothing continues from ``run``: an arm run with both final evaluations and its
     diagnostics, or a pilot run once the pilot's decision (and its symptom check) is written."""
     if run.name.startswith("pilot-"):
-        if not (out / "pilot.json").exists():
-            return False
-        d = json.loads((out / "pilot.json").read_text())["decision"]
-        return d["complete"] and (d["B"] is None or "symptoms" in d)
-    log = run / "final-evals.jsonl"
-    done = {json.loads(x)["eval"] for x in log.read_text().splitlines()} if log.exists() else set()
-    return done >= set(FINAL_PROTOCOLS) and (run / DIAGNOSTICS).exists()
+        d = _decision(out)
+        return d is not None and (d["B"] is None or "symptoms" in d)
+    return _final_done(run) >= set(FINAL_PROTOCOLS) and (run / DIAGNOSTICS).exists()
 
 
 def adopt_pilot(runs: Path, lr: float, B: int) -> Path | None:
@@ -239,8 +242,7 @@ def adopt_pilot(runs: Path, lr: float, B: int) -> Path | None:
     if dst.exists() or not ck.exists():
         return None
     steps = set(arm_steps(B))
-    recs = sorted(map(json.loads, (src / "evals.jsonl").read_text().splitlines()),
-                  key=lambda r: r["step"])
+    recs = sorted(_evals(src), key=lambda r: r["step"])
     if not steps <= {r["step"] for r in recs}:
         return None
     kept, acc = [], 0.0
