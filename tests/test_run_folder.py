@@ -5,6 +5,7 @@ and that nothing already on disk changed."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ from dar_core.errors import (
     InputError,
     NonFiniteLossError,
     RunFolderError,
+    TrainingInterrupted,
 )
 from dar_core.io.images import to_uint8
 from dar_core.spec.schema import init_params
@@ -312,3 +314,45 @@ def test_diagnose_refuses_n_0_and_an_untrained_model_gets_a_headline(tmp_path):
         diagnose([str(path)], (0.5,), n=0, backend="reference")
     lines = headline(diagnose([str(path)], (0.5,), n=2, backend="reference"))
     assert len(lines) == 1 and "t=0.50" in lines[0]
+
+
+def _steps_with_sigterm_at(run: Run, at: int, decide: bool) -> list[int]:
+    """Iterate the run's steps, sending this process SIGTERM during step ``at``; with
+    ``decide``, ask whether each step checkpoints (as a trainer does after its update)."""
+    seen = []
+    for step in run.steps():
+        seen.append(step)
+        if step == at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        if decide:
+            run.should_checkpoint(step)
+    return seen
+
+
+@pytest.fixture
+def sigterm_calls():
+    """SIGTERM's handler outside the run records its calls (instead of ending pytest)."""
+    calls: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))
+    yield calls
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_stop_signal_after_the_last_step_is_passed_on_not_dropped(tmp_path, sigterm_calls):
+    """SIGTERM during the last step's own work (after its stop decision: its samples, its
+    plots) has no step left to stop: the run ends, and the signal reaches the handler that
+    was there before the run, which would otherwise never see it."""
+    run = Run(_tc(tmp_path, steps=3), "test")
+    run.resume_checkpoint()
+    assert _steps_with_sigterm_at(run, 2, decide=False) == [0, 1, 2]
+    assert sigterm_calls == [signal.SIGTERM]
+    run.finish()
+
+
+def test_a_stop_signal_that_stops_a_step_is_not_passed_on(tmp_path, sigterm_calls):
+    """The run acts on it (saves and raises TrainingInterrupted): nothing is passed on."""
+    run = Run(_tc(tmp_path, steps=5), "test")
+    run.resume_checkpoint()
+    with pytest.raises(TrainingInterrupted, match="stopped by SIGTERM after step 2"):
+        _steps_with_sigterm_at(run, 1, decide=True)
+    assert sigterm_calls == []

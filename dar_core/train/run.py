@@ -588,7 +588,9 @@ class Run:
     @contextlib.contextmanager
     def _stop_signals(self) -> Iterator[None]:
         """SIGTERM and SIGINT only note their name while training (single process, main
-        thread); the previous handlers come back afterwards."""
+        thread); the previous handlers come back afterwards. A signal noted after the last
+        step's stop decision (during its samples or plots, say) stops no step: it is passed
+        on to the restored handler, not dropped, so whoever sent it still sees it."""
         if self.world != 1 or threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -602,6 +604,8 @@ class Run:
         finally:
             for sig, h in previous.items():
                 signal.signal(sig, h)
+            if self._signal is not None and self._stop_step is None:
+                signal.raise_signal(signal.Signals[self._signal])
 
     def _stopping(self, step: int) -> bool:
         """Whether ``step`` ends the run on a stop signal (decided once, at the first question
