@@ -1,5 +1,6 @@
-"""Timing and reporting shared by the benchmarks: interleaved repetitions, medians, ratios
-measured side by side in one process, peak memory of a fresh process, the machine described."""
+"""Timing and reporting shared by the benchmarks: their JSONL logs, interleaved repetitions,
+medians, ratios measured side by side in one process, peak memory of a fresh process, the
+machine described."""
 
 from __future__ import annotations
 
@@ -14,6 +15,24 @@ from collections.abc import Callable
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a study's JSONL log (none if it does not exist yet); blank lines are
+    skipped, and a line that does not parse (a write torn by a kill) is dropped with a
+    warning that names it."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            print(f"warning: dropping unreadable line {n} of {path}", file=sys.stderr)
+    return out
 
 
 def interleaved(cases: dict[str, Callable[[], None]], reps: int, warmup: int = 2

@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, machine
+from benchmarks.common import RESULTS, machine, read_jsonl
 from dar_core.train.run import TrainConfig
 
 ARMS = {  # name -> TrainConfig routing fields
@@ -96,9 +96,7 @@ def segmented_run(tc: TrainConfig, out: Path, steps: list[int], protocol: dict, 
     from dar_core.evaluation.protocol import evaluate_checkpoint
 
     log = out / "evals.jsonl"
-    done = {}
-    if log.exists():
-        done = {r["step"]: r for r in map(json.loads, log.read_text().splitlines()) if r}
+    done = {r["step"]: r for r in read_jsonl(log)}
     train = load_backend(backend).train
     records = []
     for n in steps:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import read_jsonl
+
 
 def t_interval(x: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
     """Mean of ``x`` and its two-sided t interval (n - 1 degrees of freedom)."""
@@ -64,20 +66,22 @@ def decisions(primary: dict[str, dict], static_vs_uniform: dict) -> dict[str, st
 def _final_evals(runs: Path, name: str) -> dict[tuple[str, int], float]:
     out = {}
     for log in runs.glob("*-seed*/final-evals.jsonl"):
-        for r in map(json.loads, log.read_text().splitlines()):
+        for r in read_jsonl(log):
             if r["eval"] == name:
                 out[(r["arm"], int(r["seed"]))] = float(r["fd"])
     return out
 
 
-def depth_trend(deep: dict, shallow: dict | None) -> str:
-    """The third rule: the 12-block static_t interval lies below the 4-block point estimate."""
+def depth_trend(deep: dict, shallow: dict | None, blocks: tuple[int, int]) -> str:
+    """The third rule: the deep preset's static_t interval lies below the shallow one's point
+    estimate (``blocks``: the deep and the shallow depth, for the message)."""
     st = deep.get("static_t c4", {})
     sh = (shallow or {}).get("static_t c4", {})
     if st.get("n", 0) < 2 or sh.get("n", 0) < 1:
         return "not tested yet (both depths need their static_t ratio at B)"
     return "yes" if st["ci95"][1] < sh["ratio"] else \
-        f"not shown (12-block interval reaches the 4-block ratio {sh['ratio']:.3f})"
+        (f"not shown ({blocks[0]}-block interval reaches the {blocks[1]}-block ratio "
+         f"{sh['ratio']:.3f})")
 
 
 def report(out: Path, runs: Path, preset: str, shallow_path: Path | None = None) -> dict:
@@ -97,8 +101,8 @@ def report(out: Path, runs: Path, preset: str, shallow_path: Path | None = None)
     if doc["pilot"] is None:
         lines.append("The pilot has not finished: no decision yet. Its evaluations so far:")
         lines += ["", "| lr | step | FD | class acc | segment s |", "|---|---|---|---|---|"]
-        done = [json.loads(x) for log in sorted(runs.glob("pilot-*-seed*/evals.jsonl"))
-                for x in log.read_text().splitlines()]
+        done = [r for log in sorted(runs.glob("pilot-*-seed*/evals.jsonl"))
+                for r in read_jsonl(log)]
         doc["pilot_partial"] = done
         lines += [f"| {r['lr']:g} | {r['step']} | {r['fd']:.2f} | {r['class_accuracy']:.3f} | "
                   f"{r['segment_train_seconds']:.0f} |" for r in done]
@@ -155,7 +159,7 @@ def report(out: Path, runs: Path, preset: str, shallow_path: Path | None = None)
     forest += [(f"static_t c4 / uniform c4 ({name})", doc[name]["static_t_vs_uniform"])
                for name in ("x3-seed0", "x3-seed1") if name in doc]
     finals = [r for log in sorted(runs.glob("*-seed*/final-evals.jsonl"))
-              for r in map(json.loads, log.read_text().splitlines()) if r["eval"] == "x3-seed0"]
+              for r in read_jsonl(log) if r["eval"] == "x3-seed0"]
     out.mkdir(parents=True, exist_ok=True)
     more, doc["arms"] = arms_report(runs, out, list(ARMS), finals, forest)
     lines += more
@@ -166,7 +170,8 @@ def report(out: Path, runs: Path, preset: str, shallow_path: Path | None = None)
     if shallow_path is not None and "x3-seed0" in doc:
         shallow = json.loads(shallow_path.read_text()) if shallow_path.exists() else {}
         sv = shallow.get("x3-seed0", {}).get("vs_residual")
-        rule = depth_trend(doc["x3-seed0"]["vs_residual"], sv)
+        rule = depth_trend(doc["x3-seed0"]["vs_residual"], sv,
+                           (doc["blocks"], shallow.get("blocks", 4)))
         doc["x3-seed0"]["decisions"]["the gain grows with depth"] = rule
         lines += ["", "## Depth trend", "", f"- the gain grows with depth: **{rule}**"]
         if sv:

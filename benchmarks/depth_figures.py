@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import convergence_analysis as conv
+from benchmarks.common import read_jsonl
 from benchmarks.depth_analysis import paired
 
 SECONDARY = ("kid", "class_accuracy", "shape_accuracy", "texture_accuracy")
@@ -22,7 +23,7 @@ def arm_records(runs: Path) -> list[dict]:
     recs = []
     for log in sorted(Path(runs).glob("*-seed*/evals.jsonl")):
         if not log.parent.name.startswith("pilot-"):
-            recs += [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
+            recs += read_jsonl(log)
     return recs
 
 

@@ -7,10 +7,10 @@
     python -m benchmarks.depth_study analyze          # tables, decision rules, plots
     python -m benchmarks.depth_study save-state       # copy what continuing needs into results
 
-``--preset`` picks the study: ``deep16`` (16 blocks, the default: ``runs/depth-deep16``,
-``results/depth/deep16``), ``tiny`` (the same protocol at 4 blocks, for the depth trend, which
-the deep16 report reads), ``deep`` (12 blocks: its pilot did not pass the symptom check), or
-``all`` for analyze, save-state and restore-state.
+``--preset`` picks the study: ``deep24`` (24 blocks, the default: ``runs/depth-deep24``,
+``results/depth/deep24``), ``tiny`` (the same protocol at 4 blocks, for the depth trend, which
+the deep24 report reads), ``deep`` and ``deep16`` (12 and 16 blocks: their pilots did not pass
+the symptom check), or ``all`` for analyze, save-state and restore-state.
 
 Every phase continues where a killed one stopped (each run trains in segments from its own
 checkpoint and logs its evaluations). ``save-state`` copies each run's logs and, while it is
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import RESULTS, machine
+from benchmarks.common import RESULTS, machine, read_jsonl
 from benchmarks.convergence import eval_steps, segmented_run
 from benchmarks.study_pool import parallel, run_pool
 from dar_core.train.run import TrainConfig
@@ -57,10 +57,12 @@ ARMS = {  # name -> (TrainConfig fields, seeds)
 }
 OUT = RESULTS / "depth"
 SHALLOW = ("tiny",)  # the depth trend's shallow end: no symptom gate
-# preset -> (results folder, default runs folder): the 12-block study, and the 4-block rerun of
-# the same protocol for the depth trend
-PRESETS = {"deep16": (OUT / "deep16", "runs/depth-deep16"), "deep": (OUT, "runs/depth"),
+# preset -> (results folder, default runs folder): the study at 24 blocks, the 12- and 16-block
+# pilots that did not pass the symptom check, and the 4-block rerun for the depth trend
+PRESETS = {"deep24": (OUT / "deep24", "runs/depth-deep24"),
+           "deep16": (OUT / "deep16", "runs/depth-deep16"), "deep": (OUT, "runs/depth"),
            "tiny": (OUT / "tiny", "runs/depth-tiny")}
+DEFAULT = "deep24"
 
 
 def run_dir(runs: Path, name: str, seed: int, lr: float | None = None) -> Path:
@@ -146,18 +148,13 @@ def _pilot_job(lr: float, runs: str, preset: str) -> list[dict]:
                          "torch", dict(arm="residual", seed=0, lr=lr))
 
 
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] \
-        if path.exists() else []
-
-
 def _evals(run: Path) -> list[dict]:
-    return _jsonl(run / "evals.jsonl")
+    return read_jsonl(run / "evals.jsonl")
 
 
 def _final_done(run: Path) -> set[str]:
     """The final evaluations (``FINAL_PROTOCOLS`` names) ``run`` has logged."""
-    return {r["eval"] for r in _jsonl(run / "final-evals.jsonl")}
+    return {r["eval"] for r in read_jsonl(run / "final-evals.jsonl")}
 
 
 def _at_cap(run: Path) -> bool:
@@ -299,7 +296,7 @@ def arms(args: argparse.Namespace) -> None:
 
 
 # Every phase of every active preset -----------------------------------------------------------
-ACTIVE = ("tiny", "deep16")  # the 4-block rerun for the depth trend (cheap), and the study
+ACTIVE = ("tiny", DEFAULT)  # the 4-block rerun for the depth trend (cheap), and the study
 
 
 def next_job(busy: set) -> tuple | None:
@@ -382,19 +379,21 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("phase", choices=("run", "pilot", "arms", "analyze", "save-state",
                                       "restore-state"),
-                    help="run: every phase of every active preset (deep16, tiny), pilots first")
-    ap.add_argument("--preset", choices=[*PRESETS, "all"], default="deep16",
-                    help="deep16: the study (16 blocks); deep: its 12-block pilot, whose "
-                    "residual did not pass the symptom check; tiny: the 4-block rerun (the "
-                    "depth trend); all: every preset (analyze, save-state, restore-state)")
-    ap.add_argument("--runs", help="runs folder of one preset (default: runs/depth, "
-                    "runs/depth-deep16, runs/depth-tiny)")
+                    help=f"run: every phase of every active preset ({', '.join(ACTIVE)}), "
+                    "pilots first")
+    ap.add_argument("--preset", choices=[*PRESETS, "all"], default=DEFAULT,
+                    help="deep24: the study (24 blocks); deep, deep16: its 12- and 16-block "
+                    "pilots, whose residual did not pass the symptom check; tiny: the 4-block "
+                    "rerun (the depth trend); all: every preset (analyze, save-state, "
+                    "restore-state)")
+    ap.add_argument("--runs", help="runs folder of one preset (default: runs/depth-<preset>, "
+                    "runs/depth for deep)")
     ap.add_argument("--jobs", type=int, default=2, help="runs trained at once (1 thread each)")
     args = ap.parse_args(argv)
     if args.phase == "run":
         run_all(args)
         return
-    presets = ("tiny", "deep", "deep16") if args.preset == "all" else (args.preset,)
+    presets = ("tiny", "deep", "deep16", "deep24") if args.preset == "all" else (args.preset,)
     if args.preset == "all" and args.phase in ("pilot", "arms"):
         ap.error(f"--preset all is for analyze, save-state and restore-state, not {args.phase}")
     for preset in presets:

@@ -18,7 +18,7 @@ def test_presets(name, depth, hidden, heads):
 def test_every_preset_builds_a_consistent_config():
     names = preset_names()
     assert {f"SiT-{s}/{p}" for s in ("S", "B", "L", "XL") for p in (2, 4, 8)} | {
-        "tiny", "small", "micro", "deep", "deep16"} == set(names)
+        "tiny", "small", "micro", "deep", "deep16", "deep24"} == set(names)
     for name in names:
         cfg = model_config(name)
         assert cfg.hidden_size % cfg.num_heads == 0, name

@@ -222,9 +222,10 @@ def test_the_depth_trend_rule():
     from benchmarks.depth_analysis import depth_trend
 
     deep = {"static_t c4": {"n": 4, "ratio": 0.8, "ci95": [0.7, 0.9]}}
-    assert depth_trend(deep, {"static_t c4": {"n": 4, "ratio": 0.95}}) == "yes"
-    assert depth_trend(deep, {"static_t c4": {"n": 4, "ratio": 0.85}}).startswith("not shown")
-    assert depth_trend(deep, None).startswith("not tested")
+    assert depth_trend(deep, {"static_t c4": {"n": 4, "ratio": 0.95}}, (24, 4)) == "yes"
+    assert depth_trend(deep, {"static_t c4": {"n": 4, "ratio": 0.85}}, (24, 4)) == \
+        "not shown (24-block interval reaches the 4-block ratio 0.850)"
+    assert depth_trend(deep, None, (24, 4)).startswith("not tested")
 
 
 def _diag_from_real_checkpoint(tmp_path, routing, name):
@@ -379,3 +380,15 @@ def test_the_whole_study_runs_pilots_first_then_each_presets_arms(tmp_path, monk
     shallow.joinpath("pilot.json").write_text(json.dumps({"decision": {
         "complete": True, "lr": 1e-3, "B": 800, "symptoms": {"present": False}}}))
     assert ds.next_job(set())[0] == ("tiny", "residual", 0)
+
+
+def test_study_logs_are_read_past_blank_and_torn_lines(tmp_path, capsys):
+    """A study's JSONL log: blank lines skipped; a line torn by a kill dropped with a
+    warning naming it, the records around it kept; a log not written yet is empty."""
+    from benchmarks.common import read_jsonl
+
+    log = tmp_path / "evals.jsonl"
+    log.write_text('{"step": 1}\n\n{"step": 2, "fd": 0.5\n{"step": 4}\n')
+    assert read_jsonl(log) == [{"step": 1}, {"step": 4}]
+    assert f"dropping unreadable line 3 of {log}" in capsys.readouterr().err
+    assert read_jsonl(tmp_path / "none.jsonl") == []

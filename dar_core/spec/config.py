@@ -35,9 +35,10 @@ TINY: dict[str, dict[str, int]] = {
     "tiny": dict(depth=4, hidden_size=64, num_heads=4, patch_size=2, input_size=16),
     "small": dict(depth=6, hidden_size=128, num_heads=4, patch_size=2, input_size=16),
     "micro": dict(depth=2, hidden_size=32, num_heads=2, patch_size=4, input_size=8),
-    # tiny's width at 12 and 16 blocks: the depth study's presets (benchmarks/README.md)
+    # tiny's width at 12, 16 and 24 blocks: the depth study's presets (benchmarks/README.md)
     "deep": dict(depth=12, hidden_size=64, num_heads=4, patch_size=2, input_size=16),
     "deep16": dict(depth=16, hidden_size=64, num_heads=4, patch_size=2, input_size=16),
+    "deep24": dict(depth=24, hidden_size=64, num_heads=4, patch_size=2, input_size=16),
 }
 
 # LayerNorm eps (no affine) of every DiT sublayer and of the final layer, in every backend
