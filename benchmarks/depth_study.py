@@ -57,11 +57,12 @@ ARMS = {  # name -> (TrainConfig fields, seeds)
 }
 OUT = RESULTS / "depth"
 SHALLOW = ("tiny",)  # the depth trend's shallow end: no symptom gate
-# preset -> (results folder, default runs folder): the study at 24 blocks, the 12- and 16-block
-# pilots that did not pass the symptom check, and the 4-block rerun for the depth trend
-PRESETS = {"deep24": (OUT / "deep24", "runs/depth-deep24"),
-           "deep16": (OUT / "deep16", "runs/depth-deep16"), "deep": (OUT, "runs/depth"),
-           "tiny": (OUT / "tiny", "runs/depth-tiny")}
+# preset -> (results folder, default runs folder): the 4-block rerun for the depth trend, the 12-
+# and 16-block pilots that did not pass the symptom check, and the study at 24 blocks. In this
+# order `--preset all` takes them: the 4-block report first, as the deeper ones read it.
+PRESETS = {"tiny": (OUT / "tiny", "runs/depth-tiny"), "deep": (OUT, "runs/depth"),
+           "deep16": (OUT / "deep16", "runs/depth-deep16"),
+           "deep24": (OUT / "deep24", "runs/depth-deep24")}
 DEFAULT = "deep24"
 
 
@@ -393,7 +394,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.phase == "run":
         run_all(args)
         return
-    presets = ("tiny", "deep", "deep16", "deep24") if args.preset == "all" else (args.preset,)
+    presets = tuple(PRESETS) if args.preset == "all" else (args.preset,)
     if args.preset == "all" and args.phase in ("pilot", "arms"):
         ap.error(f"--preset all is for analyze, save-state and restore-state, not {args.phase}")
     for preset in presets:
